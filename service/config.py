@@ -1,0 +1,58 @@
+"""Service configuration: a class of defaults, each overridable by a
+``DIGITSERVE_*`` environment variable (or a mapping passed to create_app)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ENV_PREFIX = "DIGITSERVE_"
+
+
+@dataclass(frozen=True)
+class Config:
+    # Where the model comes from.
+    STORE: str = str(REPO_ROOT / "model_store")  # model store folder
+    MODEL_NAME: str = "mnist"
+    MODEL_VERSION: int | None = None  # pin a version; unset: newest, hot-swapped
+    POLL_SECONDS: float = 2.0  # how often each worker looks for a new version (0: never)
+    # Limits, all checked before any decoding or inference.
+    MAX_CONTENT_LENGTH: int = 10 * 1024 * 1024  # request body bytes
+    MAX_IMAGES: int = 64  # images in one request
+    MAX_IMAGE_PIXELS: int = 40_000_000  # width x height of one image (decompression bombs)
+    # The inference thread: dynamic batching and back-pressure.
+    MAX_BATCH: int = 128  # images in one forward pass
+    BATCH_WAIT_MS: float = 2.0  # how long a forward waits for more requests to join it
+    QUEUE_SIZE: int = 1024  # images waiting in one worker before 503
+    INFERENCE_TIMEOUT: float = 30.0  # seconds a request waits for its result before 503
+    LOADED_VERSIONS: int = 3  # versions kept loaded per worker (pinned requests)
+    # Operations.
+    ADMIN_TOKEN: str | None = None  # enables POST /admin/reload with "Authorization: Bearer ..."
+    LOG_LEVEL: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = environ.get(ENV_PREFIX + f.name)
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f.name, f.type, raw)
+        values.update(overrides)
+        return cls(**values)
+
+
+def _parse(name: str, kind: Any, raw: str) -> Any:
+    kind = str(kind)
+    try:
+        if kind.startswith("int"):
+            return int(raw)
+        if kind.startswith("float"):
+            return float(raw)
+    except ValueError as exc:
+        raise ValueError(f"{ENV_PREFIX}{name}={raw!r} is not a number") from exc
+    return raw

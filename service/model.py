@@ -1,0 +1,76 @@
+"""Load an exported version from the store and run it in inference mode.
+
+Used by the service's inference thread and by ``training.evaluate``, so what is
+evaluated offline is exactly what is served.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.store import ModelVersion
+
+with warnings.catch_warnings():  # mxnet 1.9.1 imports deprecated numpy/stdlib APIs
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import mxnet as mx
+    from mxnet import gluon
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    """A verified, loaded version. Not thread-safe: one thread calls ``predict``."""
+
+    version: ModelVersion
+    block: gluon.SymbolBlock
+
+    @property
+    def name(self) -> str:
+        return self.version.name
+
+    @property
+    def number(self) -> int:
+        return self.version.version
+
+    @property
+    def manifest(self) -> dict:
+        return self.version.manifest
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """float32 (N, 1, 28, 28) normalized input -> (N, classes) logits.
+
+        Called outside ``autograd.record()``/``train_mode()``: BatchNorm uses its
+        running statistics and Dropout is the identity, so each row depends only
+        on its own image.
+        """
+        return self.block(mx.nd.array(batch, dtype="float32")).asnumpy()
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Class probabilities (softmax of the logits), float64 rows summing to 1."""
+        logits = self.logits(batch).astype(np.float64)
+        logits -= logits.max(axis=1, keepdims=True)
+        e = np.exp(logits)
+        return e / e.sum(axis=1, keepdims=True)
+
+
+def load(version: ModelVersion, ctx: mx.Context | None = None) -> LoadedModel:
+    """Verify the artifacts' sha256, then ``SymbolBlock.imports`` them.
+
+    Raises store.VerificationError for a corrupt version and mxnet.MXNetError
+    (or ValueError/OSError) for files MXNet cannot load.
+    """
+    version.verify()
+    input_name = version.manifest["input"]["name"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # SymbolBlock.imports warns about unnamed inputs
+        block = gluon.SymbolBlock.imports(
+            str(version.symbol_file), [input_name], str(version.params_file), ctx=ctx or mx.cpu()
+        )
+    block.hybridize(static_alloc=True)
+    log.info("loaded model %s v%d from %s", version.name, version.version, version.path)
+    return LoadedModel(version, block)

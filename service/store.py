@@ -1,0 +1,268 @@
+"""The model store: the one owner of its layout, manifest schema, publish, list,
+resolve and verify. Training publishes through it; the service reads through it.
+
+Layout::
+
+    <root>/<name>/<version>/<name>-symbol.json   # HybridBlock.export() output
+    <root>/<name>/<version>/<name>-0000.params
+    <root>/<name>/<version>/manifest.json        # written last, inside the temp dir
+
+Versions are positive integers, monotonic and immutable. A version is built in
+``<root>/<name>/.tmp-*`` and renamed into place under an exclusive lock, so a
+reader sees either nothing or the complete version, and concurrent publishers
+get distinct numbers. Dot-folders are never listed as versions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+SCHEMA_VERSION = 1
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+_VERSION_RE = re.compile(r"^[1-9][0-9]{0,8}$")
+
+# Manifest fields the service relies on, with their types. Training adds more
+# (hyperparameters, history, command, ...); unknown keys are kept as they are.
+REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "schema_version": int,
+    "name": str,
+    "version": int,
+    "created": str,
+    "mxnet_version": str,
+    "input": dict,
+    "normalization": dict,
+    "labels": list,
+    "artifacts": dict,
+}
+
+
+class StoreError(Exception):
+    """Base class of the store's errors."""
+
+
+class ModelNotFound(StoreError):
+    pass
+
+
+class ManifestError(StoreError):
+    pass
+
+
+class VerificationError(StoreError):
+    pass
+
+
+def validate_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise StoreError(f"invalid model name {name!r}: use lowercase letters, digits, '-' or '_'")
+    return name
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def validate_manifest(data: Any, *, name: str | None = None, version: int | None = None) -> dict:
+    """Check a manifest's shape; return it. Raises ManifestError naming the problem."""
+    if not isinstance(data, dict):
+        raise ManifestError("manifest is not a JSON object")
+    for key, kind in REQUIRED_FIELDS.items():
+        if key not in data:
+            raise ManifestError(f"manifest lacks {key!r}")
+        if not isinstance(data[key], kind) or isinstance(data[key], bool):
+            raise ManifestError(f"manifest field {key!r} has the wrong type")
+    if data["schema_version"] != SCHEMA_VERSION:
+        raise ManifestError(f"unsupported manifest schema_version {data['schema_version']}")
+    if name is not None and data["name"] != name:
+        raise ManifestError(f"manifest names model {data['name']!r}, expected {name!r}")
+    if version is not None and data["version"] != version:
+        raise ManifestError(f"manifest says version {data['version']}, folder says {version}")
+    inp = data["input"]
+    if not (
+        isinstance(inp.get("name"), str)
+        and isinstance(inp.get("shape"), list)
+        and all(isinstance(d, int) for d in inp["shape"])
+        and isinstance(inp.get("dtype"), str)
+    ):
+        raise ManifestError("manifest 'input' needs name, shape (list of int) and dtype")
+    norm = data["normalization"]
+    if not all(isinstance(norm.get(k), int | float) for k in ("mean", "std")) or norm["std"] <= 0:
+        raise ManifestError("manifest 'normalization' needs numeric mean and positive std")
+    if not data["labels"]:
+        raise ManifestError("manifest 'labels' is empty")
+    arts = data["artifacts"]
+    for role in ("symbol", "params"):
+        art = arts.get(role)
+        if not (isinstance(art, dict) and isinstance(art.get("file"), str)):
+            raise ManifestError(f"manifest 'artifacts' lacks {role!r}")
+        if not re.fullmatch(r"[0-9a-f]{64}", str(art.get("sha256", ""))):
+            raise ManifestError(f"manifest artifact {role!r} has no valid sha256")
+        if "/" in art["file"] or art["file"].startswith("."):
+            raise ManifestError(f"manifest artifact {role!r} points outside its version folder")
+    return data
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One published version: where its files are and what its manifest says."""
+
+    name: str
+    version: int
+    path: Path
+    manifest: dict
+
+    @property
+    def symbol_file(self) -> Path:
+        return self.path / self.manifest["artifacts"]["symbol"]["file"]
+
+    @property
+    def params_file(self) -> Path:
+        return self.path / self.manifest["artifacts"]["params"]["file"]
+
+    def verify(self) -> None:
+        """Check every artifact's sha256 against the manifest (VerificationError if not)."""
+        for role, art in self.manifest["artifacts"].items():
+            path = self.path / art["file"]
+            if not path.is_file():
+                raise VerificationError(f"{self.name} v{self.version}: {role} file {path} missing")
+            actual = sha256_file(path)
+            if actual != art["sha256"]:
+                raise VerificationError(
+                    f"{self.name} v{self.version}: {role} file {path.name} is corrupt "
+                    f"(sha256 {actual[:12]}..., manifest says {art['sha256'][:12]}...)"
+                )
+
+
+class ModelStore:
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = Path(root)
+
+    # -- reading -----------------------------------------------------------------
+    def models(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _NAME_RE.match(p.name))
+
+    def versions(self, name: str) -> list[int]:
+        folder = self.root / validate_name(name)
+        if not folder.is_dir():
+            return []
+        return sorted(
+            int(p.name)
+            for p in folder.iterdir()
+            if _VERSION_RE.match(p.name) and (p / MANIFEST).is_file()
+        )
+
+    def get(self, name: str, version: int) -> ModelVersion:
+        path = self.root / validate_name(name) / str(version)
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            raise ModelNotFound(f"model {name!r} has no version {version}")
+        try:
+            data = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ManifestError(f"{manifest_path}: unreadable manifest ({exc})") from exc
+        return ModelVersion(
+            name, version, path, validate_manifest(data, name=name, version=version)
+        )
+
+    def resolve(self, name: str, version: int | None = None) -> ModelVersion:
+        """A pinned version, or the newest one when ``version`` is None."""
+        if version is None:
+            versions = self.versions(name)
+            if not versions:
+                raise ModelNotFound(f"no published version of model {name!r} in {self.root}")
+            version = versions[-1]
+        return self.get(name, version)
+
+    # -- writing -----------------------------------------------------------------
+    @contextlib.contextmanager
+    def _lock(self, name: str) -> Iterator[None]:
+        folder = self.root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / ".publish.lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def publish(
+        self,
+        name: str,
+        write_artifacts: Callable[[Path], dict[str, str]],
+        manifest: dict,
+    ) -> ModelVersion:
+        """Publish a new version atomically and return it.
+
+        ``write_artifacts(folder)`` writes the model files into a private temp
+        folder and returns ``{"symbol": filename, "params": filename}``. The store
+        hashes them, completes the manifest (name, version, artifacts, schema),
+        fsyncs everything and renames the folder into place. If anything fails
+        (or the process dies) no version appears; a stale temp folder is harmless
+        and removed by ``clean_stale_temp``.
+        """
+        validate_name(name)
+        folder = self.root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder))
+        try:
+            files = write_artifacts(tmp)
+            artifacts = {
+                role: {"file": fname, "sha256": sha256_file(tmp / fname)}
+                for role, fname in files.items()
+            }
+            with self._lock(name):
+                version = max(self.versions(name), default=0) + 1
+                full = {
+                    **manifest,
+                    "schema_version": SCHEMA_VERSION,
+                    "name": name,
+                    "version": version,
+                    "artifacts": artifacts,
+                }
+                validate_manifest(full, name=name, version=version)
+                (tmp / MANIFEST).write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")
+                _fsync_tree(tmp)
+                os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; readers may be another user
+                os.rename(tmp, folder / str(version))
+                _fsync_dir(folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return self.get(name, version)
+
+    def clean_stale_temp(self, name: str) -> None:
+        for p in (self.root / validate_name(name)).glob(".tmp-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in folder.iterdir():
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+    _fsync_dir(folder)

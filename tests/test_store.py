@@ -1,0 +1,187 @@
+"""The model store: publish, resolve, verify, atomicity and concurrency."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from service.store import (
+    ManifestError,
+    ModelNotFound,
+    ModelStore,
+    StoreError,
+    VerificationError,
+    validate_manifest,
+)
+
+BASE_MANIFEST = {
+    "created": "2026-01-01T00:00:00+00:00",
+    "mxnet_version": "1.9.1",
+    "input": {"name": "data", "shape": [-1, 1, 28, 28], "dtype": "float32"},
+    "normalization": {"mean": 0.13, "std": 0.31},
+    "labels": [str(d) for d in range(10)],
+}
+
+
+def fake_artifacts(payload: bytes = b"weights"):
+    def write(folder: Path) -> dict[str, str]:
+        (folder / "m-symbol.json").write_text('{"nodes": []}')
+        (folder / "m-0000.params").write_bytes(payload)
+        return {"symbol": "m-symbol.json", "params": "m-0000.params"}
+
+    return write
+
+
+def test_publish_resolve_and_verify(tmp_path):
+    store = ModelStore(tmp_path)
+    assert store.versions("m") == []
+    with pytest.raises(ModelNotFound):
+        store.resolve("m")
+    v1 = store.publish("m", fake_artifacts(b"one"), BASE_MANIFEST)
+    v2 = store.publish("m", fake_artifacts(b"two"), BASE_MANIFEST)
+    assert (v1.version, v2.version) == (1, 2)
+    assert store.versions("m") == [1, 2]
+    assert store.models() == ["m"]
+    assert store.resolve("m").version == 2
+    assert store.resolve("m", 1).params_file.read_bytes() == b"one"
+    v1.verify()
+    manifest = json.loads((v2.path / "manifest.json").read_text())
+    assert manifest["version"] == 2 and manifest["name"] == "m"
+    assert len(manifest["artifacts"]["params"]["sha256"]) == 64
+    with pytest.raises(ModelNotFound):
+        store.resolve("m", 3)
+    assert not list((tmp_path / "m").glob(".tmp-*"))
+
+
+def test_corrupt_params_fail_verification(tmp_path):
+    mv = ModelStore(tmp_path).publish("m", fake_artifacts(), BASE_MANIFEST)
+    mv.params_file.write_bytes(b"weightz")
+    with pytest.raises(VerificationError, match=r"params file m-0000\.params is corrupt"):
+        mv.verify()
+    mv.params_file.unlink()
+    with pytest.raises(VerificationError, match="missing"):
+        mv.verify()
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda m: m.pop("labels"), "lacks 'labels'"),
+        (lambda m: m.update(version="1"), "'version' has the wrong type"),
+        (lambda m: m.update(version=True), "'version' has the wrong type"),
+        (lambda m: m.update(schema_version=99), "unsupported"),
+        (lambda m: m["normalization"].update(std=0), "positive std"),
+        (lambda m: m["input"].update(shape="28x28"), "'input'"),
+        (lambda m: m["artifacts"]["params"].update(sha256="abc"), "sha256"),
+        (lambda m: m["artifacts"]["params"].update(file="../../etc/passwd"), "outside"),
+        (lambda m: m.update(labels=[]), "empty"),
+    ],
+)
+def test_bad_manifest_rejected(tmp_path, mutate, message):
+    mv = ModelStore(tmp_path).publish("m", fake_artifacts(), BASE_MANIFEST)
+    data = json.loads((mv.path / "manifest.json").read_text())
+    mutate(data)
+    with pytest.raises(ManifestError, match=message):
+        validate_manifest(data)
+    (mv.path / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError):
+        ModelStore(tmp_path).get("m", 1)
+
+
+def test_unreadable_manifest_and_mismatched_version(tmp_path):
+    store = ModelStore(tmp_path)
+    mv = store.publish("m", fake_artifacts(), BASE_MANIFEST)
+    (mv.path / "manifest.json").write_text("{not json")
+    with pytest.raises(ManifestError, match="unreadable"):
+        store.get("m", 1)
+    good = store.publish("m", fake_artifacts(), BASE_MANIFEST)
+    os.rename(good.path, tmp_path / "m" / "7")
+    with pytest.raises(ManifestError, match="folder says 7"):
+        store.get("m", 7)
+
+
+def test_invalid_names_and_ignored_entries(tmp_path):
+    store = ModelStore(tmp_path)
+    for bad in ("", "../x", "Upper", "a/b", ".hidden"):
+        with pytest.raises(StoreError):
+            store.versions(bad)
+    store.publish("m", fake_artifacts(), BASE_MANIFEST)
+    (tmp_path / "m" / "2").mkdir()  # no manifest: not a version
+    (tmp_path / "m" / ".tmp-abc").mkdir()
+    (tmp_path / "m" / "latest").mkdir()
+    assert store.versions("m") == [1]
+
+
+def test_failed_publish_leaves_nothing(tmp_path):
+    store = ModelStore(tmp_path)
+
+    def boom(folder: Path) -> dict[str, str]:
+        fake_artifacts()(folder)
+        raise RuntimeError("export failed")
+
+    with pytest.raises(RuntimeError):
+        store.publish("m", boom, BASE_MANIFEST)
+    assert store.versions("m") == []
+    assert not list((tmp_path / "m").glob(".tmp-*"))
+
+
+KILLED_PUBLISHER = """
+import sys, time
+from pathlib import Path
+from service.store import ModelStore
+sys.path.insert(0, {tests!r})
+from test_store import BASE_MANIFEST, fake_artifacts
+def slow(folder: Path):
+    files = fake_artifacts(b"x" * 1000)(folder)
+    print("writing", flush=True)
+    time.sleep(60)
+    return files
+ModelStore({root!r}).publish("m", slow, BASE_MANIFEST)
+"""
+
+
+def test_publish_killed_half_way_leaves_no_version(tmp_path):
+    code = KILLED_PUBLISHER.format(tests=str(Path(__file__).parent), root=str(tmp_path))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, cwd=Path(__file__).parent.parent
+    )
+    with proc.stdout:
+        assert proc.stdout.readline().strip() == b"writing"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    store = ModelStore(tmp_path)
+    assert store.versions("m") == []
+    assert list((tmp_path / "m").glob(".tmp-*")), "the half-written version stays hidden"
+    assert store.publish("m", fake_artifacts(), BASE_MANIFEST).version == 1
+    store.clean_stale_temp("m")
+    assert not list((tmp_path / "m").glob(".tmp-*"))
+
+
+def _publish_many(root: str, start: float, payload: bytes) -> list[int]:
+    while time.time() < start:
+        time.sleep(0.001)
+    store = ModelStore(root)
+    return [store.publish("m", fake_artifacts(payload), BASE_MANIFEST).version for _ in range(5)]
+
+
+def test_concurrent_publishers_get_distinct_versions(tmp_path):
+    start = time.time() + 0.5
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(4) as pool:
+        results = pool.starmap(
+            _publish_many, [(str(tmp_path), start, bytes([i]) * 10) for i in range(4)]
+        )
+    versions = sorted(v for r in results for v in r)
+    assert versions == list(range(1, 21))
+    store = ModelStore(tmp_path)
+    assert store.versions("m") == versions
+    for v in versions:
+        store.get("m", v).verify()

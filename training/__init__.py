@@ -1,0 +1,1 @@
+"""digitserve training: MNIST data, the BatchNorm + Dropout nets, training and evaluation."""
