@@ -280,7 +280,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainConfig]
 
 def main(argv: list[str] | None = None) -> int:
     args, cfg = parse_args(argv)
-    command = "python -m training.train " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = " ".join(
+        ["python -m training.train", shlex.join(sys.argv[1:] if argv is None else argv)]
+    ).strip()
     try:
         store = ModelStore(args.store)
         train_split = load_split("train", args.data_dir)

@@ -1,0 +1,331 @@
+"""Write service/openapi.json (the API description the service serves).
+
+    python scripts/write_openapi.py
+
+Edit this file, not the JSON; tests/test_openapi.py checks the document is a
+valid OpenAPI 3.1 description whose paths and methods are exactly the app's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent.parent / "service" / "openapi.json"
+
+
+def ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def json_response(description: str, schema: dict) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+ERR = {
+    str(code): {"$ref": f"#/components/responses/{name}"}
+    for code, name in [
+        (400, "BadRequest"),
+        (404, "NotFound"),
+        (413, "TooLarge"),
+        (415, "Unsupported"),
+        (503, "Unavailable"),
+    ]
+}
+IMAGE_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "image": {"type": "array", "items": {"type": "string", "format": "binary"}}
+                },
+                "description": "One or more image files (any field name; 'image' by convention).",
+            }
+        },
+        "image/*": {"schema": {"type": "string", "format": "binary"}},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        "application/json": {"schema": ref("ImageJson")},
+    },
+}
+VERSION_QUERY = {
+    "name": "version",
+    "in": "query",
+    "required": False,
+    "schema": {"type": "integer", "minimum": 1},
+    "description": "Pin a model version (default: the serving one).",
+}
+NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+VERSION = {
+    "name": "version",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "integer", "minimum": 1},
+}
+
+
+def predict_op(summary: str, params: list, op_id: str) -> dict:
+    return {
+        "post": {
+            "summary": summary,
+            "operationId": op_id,
+            "parameters": params,
+            "requestBody": IMAGE_BODY,
+            "responses": {
+                "200": json_response("Predictions", ref("PredictResponse")),
+                **ERR,
+                "409": {"$ref": "#/components/responses/Refused"},
+            },
+        }
+    }
+
+
+def get_op(
+    summary: str, op_id: str, schema: dict, params: list | None = None, extra: dict | None = None
+) -> dict:
+    op = {
+        "summary": summary,
+        "operationId": op_id,
+        "responses": {"200": json_response(summary, schema), **(extra or {})},
+    }
+    if params:
+        op["parameters"] = params
+    return {"get": op}
+
+
+OBJ = {"type": "object"}
+DOC = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "digitserve",
+        "version": "0.1.0",
+        "description": "Classifies handwritten digit images with an MXNet BatchNorm + Dropout "
+        "CNN trained on MNIST. Every error has the shape "
+        '{"error": {"code", "message"}}.',
+    },
+    "paths": {
+        "/predict": predict_op("Classify one or more digit images", [VERSION_QUERY], "predict"),
+        "/models/{name}/predict": predict_op(
+            "Classify with a named model", [NAME, VERSION_QUERY], "predictModel"
+        ),
+        "/models/{name}/versions/{version}/predict": predict_op(
+            "Classify with a pinned version", [NAME, VERSION], "predictVersion"
+        ),
+        "/metadata": get_op(
+            "The serving model's manifest and version",
+            "metadata",
+            ref("ModelDescription"),
+            extra={"503": {"$ref": "#/components/responses/Unavailable"}},
+        ),
+        "/models": get_op("Models and their versions", "listModels", OBJ),
+        "/models/{name}": get_op(
+            "The serving version of a model",
+            "getModel",
+            ref("ModelDescription"),
+            [NAME],
+            {"404": {"$ref": "#/components/responses/NotFound"}},
+        ),
+        "/models/{name}/versions/{version}": get_op(
+            "One version's manifest",
+            "getModelVersion",
+            ref("ModelDescription"),
+            [NAME, VERSION],
+            {"404": {"$ref": "#/components/responses/NotFound"}},
+        ),
+        "/health": get_op(
+            "Liveness (the worker and its inference thread)",
+            "health",
+            OBJ,
+            extra={"503": {"$ref": "#/components/responses/Unavailable"}},
+        ),
+        "/ready": get_op(
+            "Readiness: 503 until the model is loaded",
+            "ready",
+            OBJ,
+            extra={"503": {"$ref": "#/components/responses/Unavailable"}},
+        ),
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics",
+                "operationId": "metrics",
+                "responses": {
+                    "200": {
+                        "description": "Prometheus text format",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+        "/openapi.json": get_op("This document", "openapi", OBJ),
+        "/admin/reload": {
+            "post": {
+                "summary": "Look for new versions now (every worker also polls the store)",
+                "operationId": "adminReload",
+                "security": [{"bearer": []}],
+                "responses": {
+                    "200": json_response("The serving version", OBJ),
+                    "401": {"$ref": "#/components/responses/Error"},
+                    "403": {"$ref": "#/components/responses/Error"},
+                },
+            }
+        },
+        "/": {
+            "get": {
+                "summary": "The drawing page",
+                "operationId": "index",
+                "responses": {
+                    "200": {
+                        "description": "HTML",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+        "/v2": get_op("KServe V2 server metadata", "v2ServerMetadata", OBJ),
+        "/v2/health/live": get_op("KServe V2 liveness", "v2Live", OBJ),
+        "/v2/health/ready": get_op("KServe V2 readiness", "v2Ready", OBJ),
+        "/v2/models/{name}": get_op("KServe V2 model metadata", "v2ModelMetadata", OBJ, [NAME]),
+        "/v2/models/{name}/versions/{version}": get_op(
+            "KServe V2 model version metadata", "v2ModelVersionMetadata", OBJ, [NAME, VERSION]
+        ),
+        "/v2/models/{name}/ready": get_op("KServe V2 model readiness", "v2ModelReady", OBJ, [NAME]),
+        "/v2/models/{name}/versions/{version}/ready": get_op(
+            "KServe V2 model version readiness", "v2ModelVersionReady", OBJ, [NAME, VERSION]
+        ),
+        "/v2/models/{name}/infer": {
+            "post": {
+                "summary": "KServe V2 inference on an FP32 [N,1,28,28] tensor of [0,1] pixels",
+                "operationId": "v2Infer",
+                "parameters": [NAME],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": ref("V2InferRequest")}},
+                },
+                "responses": {"200": json_response("Outputs", ref("V2InferResponse")), **ERR},
+            }
+        },
+        "/v2/models/{name}/versions/{version}/infer": {
+            "post": {
+                "summary": "KServe V2 inference with a pinned version",
+                "operationId": "v2InferVersion",
+                "parameters": [NAME, VERSION],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": ref("V2InferRequest")}},
+                },
+                "responses": {"200": json_response("Outputs", ref("V2InferResponse")), **ERR},
+            }
+        },
+    },
+    "components": {
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        "responses": {
+            name: json_response(desc, ref("Error"))
+            for name, desc in [
+                ("Error", "Error"),
+                ("BadRequest", "No image, undecodable image, bad JSON/base64"),
+                ("NotFound", "Unknown route, model or version"),
+                ("TooLarge", "Body, image count or pixel count over the limit"),
+                ("Unsupported", "Unsupported content type or image format"),
+                ("Refused", "The pinned version failed verification or loading"),
+                ("Unavailable", "Not ready, overloaded or timed out; retry"),
+            ]
+        },
+        "schemas": {
+            "Error": {
+                "type": "object",
+                "required": ["error"],
+                "properties": {
+                    "error": {
+                        "type": "object",
+                        "required": ["code", "message"],
+                        "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+                    }
+                },
+            },
+            "ImageJson": {
+                "type": "object",
+                "description": "Base64 (or data: URL) images.",
+                "properties": {
+                    "image": {"type": "string"},
+                    "images": {"type": "array", "items": {"type": "string"}},
+                },
+            },
+            "Prediction": {
+                "type": "object",
+                "required": ["digit", "confidence", "probabilities"],
+                "properties": {
+                    "digit": {"type": "integer", "minimum": 0, "maximum": 9},
+                    "confidence": {"type": "number"},
+                    "probabilities": {
+                        "type": "array",
+                        "items": {"type": "number"},
+                        "minItems": 10,
+                        "maxItems": 10,
+                    },
+                },
+            },
+            "PredictResponse": {
+                "type": "object",
+                "required": ["model", "predictions"],
+                "properties": {
+                    "model": {
+                        "type": "object",
+                        "required": ["name", "version"],
+                        "properties": {"name": {"type": "string"}, "version": {"type": "integer"}},
+                    },
+                    "digit": {"type": "integer", "description": "One-image requests only"},
+                    "confidence": {"type": "number", "description": "One-image requests only"},
+                    "predictions": {"type": "array", "items": ref("Prediction")},
+                    "latency_ms": {"type": "number"},
+                },
+            },
+            "ModelDescription": {
+                "type": "object",
+                "required": ["name", "version"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "version": {"type": "integer"},
+                    "test_accuracy": {"type": ["number", "null"]},
+                    "manifest": {"type": "object"},
+                },
+            },
+            "V2InferRequest": {
+                "type": "object",
+                "required": ["inputs"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "inputs": {
+                        "type": "array",
+                        "minItems": 1,
+                        "maxItems": 1,
+                        "items": {
+                            "type": "object",
+                            "required": ["name", "shape", "datatype", "data"],
+                            "properties": {
+                                "name": {"type": "string"},
+                                "shape": {"type": "array", "items": {"type": "integer"}},
+                                "datatype": {"const": "FP32"},
+                                "data": {"type": "array"},
+                            },
+                        },
+                    },
+                },
+            },
+            "V2InferResponse": {
+                "type": "object",
+                "required": ["model_name", "model_version", "outputs"],
+                "properties": {
+                    "model_name": {"type": "string"},
+                    "model_version": {"type": "string"},
+                    "id": {"type": "string"},
+                    "outputs": {"type": "array"},
+                },
+            },
+        },
+    },
+}
+
+if __name__ == "__main__":
+    OUT.write_text(json.dumps(DOC, indent=2) + "\n")

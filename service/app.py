@@ -1,0 +1,90 @@
+"""The Flask application factory.
+
+    gunicorn -c service/gunicorn.conf.py "service.app:create_app()"
+
+Each gunicorn worker calls ``create_app`` after the fork, so each loads the
+model itself and owns one inference thread (see service.inference).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask, Response, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from service import api, errors, metrics, v2
+from service.config import Config
+from service.inference import InferenceEngine
+
+log = logging.getLogger("service")
+
+
+def create_app(config: Config | Mapping[str, Any] | None = None) -> Flask:
+    """``config``: a Config, or overrides for the environment-derived one."""
+    if not isinstance(config, Config):
+        config = Config.from_env(**dict(config or {}))
+    logging.basicConfig(
+        level=config.LOG_LEVEL.upper(),
+        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
+    )
+    app = Flask(__name__, static_folder="static", static_url_path="/static")
+    app.config.from_mapping(
+        MAX_CONTENT_LENGTH=config.MAX_CONTENT_LENGTH,
+        MAX_FORM_PARTS=config.MAX_IMAGES + 16,
+        JSON_SORT_KEYS=False,
+    )
+    app.json.sort_keys = False
+    app.extensions["digitserve.config"] = config
+    app.extensions["digitserve.engine"] = InferenceEngine(config).start()
+    app.register_blueprint(api.bp)
+    app.register_blueprint(v2.bp)
+    register_error_handlers(app)
+    register_metrics(app)
+
+    @app.get("/")
+    def index() -> Response:
+        return app.send_static_file("index.html")
+
+    return app
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(errors.ApiError)
+    def api_error(exc: errors.ApiError) -> tuple[Response, int]:
+        return jsonify(exc.to_dict()), exc.status
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> tuple[Response, int]:
+        code = (exc.name or "error").lower().replace(" ", "_")
+        status = exc.code or 500
+        response = jsonify({"error": {"code": code, "message": exc.description or exc.name}})
+        if status == 405 and exc.get_response().headers.get("Allow"):
+            response.headers["Allow"] = exc.get_response().headers["Allow"]
+        return response, status
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> tuple[Response, int]:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return jsonify(
+            {"error": {"code": "internal_error", "message": "internal server error"}}
+        ), 500
+
+
+def register_metrics(app: Flask) -> None:
+    @app.before_request
+    def start_timer() -> None:
+        g.started = time.perf_counter()
+
+    @app.after_request
+    def record(response: Response) -> Response:
+        rule = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
+        status = str(response.status_code)
+        metrics.REQUESTS.labels(rule, request.method, status).inc()
+        metrics.LATENCY.labels(rule, status).observe(
+            time.perf_counter() - g.get("started", time.perf_counter())
+        )
+        return response

@@ -1,0 +1,59 @@
+"""gunicorn settings for digitserve; every one overridable by environment.
+
+    gunicorn -c service/gunicorn.conf.py "service.app:create_app()"
+
+The app is not preloaded: each worker loads the model after the fork (MXNet's
+fork handling is fragile) and runs one inference thread; gthread request
+threads only parse, preprocess and wait.
+"""
+
+import os
+import shutil
+import tempfile
+
+
+_cpus = os.cpu_count() or 1
+
+bind = os.environ.get("DIGITSERVE_BIND", "127.0.0.1:8000")
+workers = int(os.environ.get("DIGITSERVE_WORKERS", min(_cpus, 4)))
+worker_class = "gthread"
+threads = int(os.environ.get("DIGITSERVE_THREADS", 8))
+timeout = int(os.environ.get("DIGITSERVE_TIMEOUT", 60))
+graceful_timeout = int(os.environ.get("DIGITSERVE_GRACEFUL_TIMEOUT", 30))
+keepalive = int(os.environ.get("DIGITSERVE_KEEPALIVE", 5))
+backlog = int(os.environ.get("DIGITSERVE_BACKLOG", 512))
+accesslog = os.environ.get("DIGITSERVE_ACCESS_LOG", "-") or None
+errorlog = "-"
+loglevel = os.environ.get("DIGITSERVE_LOG_LEVEL", "info").lower()
+access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms'
+# gunicorn >= 25's control socket: off unless asked for (several servers per host,
+# read-only homes in containers).
+control_socket_disable = not os.environ.get("DIGITSERVE_CONTROL_SOCKET")
+if not control_socket_disable:
+    control_socket = os.environ["DIGITSERVE_CONTROL_SOCKET"]
+# Request-line and header bounds (gunicorn's own, before Flask sees anything).
+limit_request_line = 8190
+limit_request_fields = 100
+# Workers share the cores: split MXNet's OpenMP threads between them.
+_omp = os.environ.get("DIGITSERVE_OMP_THREADS") or str(max(1, _cpus // workers))
+raw_env = [f"OMP_NUM_THREADS={_omp}", f"MXNET_CPU_WORKER_NTHREADS={_omp}"]
+
+# prometheus_client multiprocess mode: a fresh directory for this server's workers.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="digitserve-metrics-")
+    _own_metrics_dir = True
+else:
+    _own_metrics_dir = False
+
+
+def child_exit(server, worker):
+    # Imported here: prometheus_client picks its value store at import time, and the
+    # workers (forked from this process) must see PROMETHEUS_MULTIPROC_DIR set first.
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    if _own_metrics_dir:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

@@ -1,0 +1,152 @@
+"""The KServe V2 / Open Inference Protocol REST endpoints.
+
+``/v2/models/{name}/infer`` takes one FP32 input of shape [N, 1, 28, 28]: MNIST
+pixel intensities in [0, 1] (light ink on dark, digit centred); the server
+applies the model's normalization. It returns ``probabilities`` FP32 [N, 10]
+and ``digit`` INT64 [N].
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from flask import Blueprint, Response, jsonify, request
+
+from service import errors, metrics
+from service.api import check_model_name, config, engine, parse_version
+from service.preprocessing import normalize
+
+bp = Blueprint("v2", __name__, url_prefix="/v2")
+SERVER = {"name": "digitserve", "version": "0.1.0", "extensions": []}
+
+
+@bp.get("")
+def server_metadata() -> Response:
+    return jsonify(SERVER)
+
+
+@bp.get("/health/live")
+def live() -> tuple[Response, int]:
+    alive = engine().alive
+    return jsonify({"live": alive}), 200 if alive else 503
+
+
+@bp.get("/health/ready")
+def ready() -> tuple[Response, int]:
+    ok = engine().current is not None and engine().alive
+    return jsonify({"ready": ok}), 200 if ok else 503
+
+
+@bp.get("/models/<name>")
+@bp.get("/models/<name>/versions/<version>")
+def model_metadata(name: str, version: str | None = None) -> Response:
+    check_model_name(name)
+    mv = engine().version_for(parse_version(version))
+    shape = mv.manifest["input"]["shape"]
+    return jsonify(
+        {
+            "name": mv.name,
+            "versions": [str(v) for v in engine().store.versions(mv.name)],
+            "platform": "mxnet_symbol",
+            "inputs": [{"name": mv.manifest["input"]["name"], "datatype": "FP32", "shape": shape}],
+            "outputs": [
+                {
+                    "name": "probabilities",
+                    "datatype": "FP32",
+                    "shape": [-1, len(mv.manifest["labels"])],
+                },
+                {"name": "digit", "datatype": "INT64", "shape": [-1]},
+            ],
+        }
+    )
+
+
+@bp.get("/models/<name>/ready")
+@bp.get("/models/<name>/versions/<version>/ready")
+def model_ready(name: str, version: str | None = None) -> tuple[Response, int]:
+    check_model_name(name)
+    if version is None:
+        ok = engine().current is not None
+    else:
+        ok = parse_version(version) not in engine().refused
+        engine().version_for(parse_version(version))  # 404 for an unknown version
+    return jsonify({"name": name, "ready": ok}), 200 if ok else 503
+
+
+def _tensor(body: Any, max_images: int) -> tuple[np.ndarray, str | None]:
+    if (
+        not isinstance(body, dict)
+        or not isinstance(body.get("inputs"), list)
+        or len(body["inputs"]) != 1
+        or not isinstance(body["inputs"][0], dict)
+    ):
+        raise errors.BadRequest(
+            'expected {"inputs": [{"name", "shape", "datatype", "data"}]}', code="bad_tensor"
+        )
+    spec = body["inputs"][0]
+    if spec.get("datatype") != "FP32":
+        raise errors.BadRequest("input datatype must be FP32", code="bad_tensor")
+    shape = spec.get("shape")
+    if not (
+        isinstance(shape, list)
+        and len(shape) == 4
+        and shape[1:] == [1, 28, 28]
+        and isinstance(shape[0], int)
+        and not isinstance(shape[0], bool)
+        and shape[0] >= 1
+    ):
+        raise errors.BadRequest("input shape must be [N, 1, 28, 28]", code="bad_tensor")
+    if shape[0] > max_images:
+        raise errors.PayloadTooLarge(
+            f"{shape[0]} images; the limit is {max_images}", code="too_many_images"
+        )
+    try:
+        data = np.asarray(spec.get("data"), dtype=np.float32).reshape(shape)
+    except (TypeError, ValueError) as exc:
+        raise errors.BadRequest(
+            "input data does not match its shape or is not numeric", code="bad_tensor"
+        ) from exc
+    if not np.isfinite(data).all():
+        raise errors.BadRequest("input data must be finite numbers", code="bad_tensor")
+    return data, spec.get("name")
+
+
+@bp.post("/models/<name>/infer")
+@bp.post("/models/<name>/versions/<version>/infer")
+def infer(name: str, version: str | None = None) -> Response:
+    check_model_name(name)
+    if request.mimetype != "application/json":
+        raise errors.UnsupportedMediaType("the V2 infer endpoint takes application/json")
+    try:
+        body = request.get_json(force=True, cache=False)
+    except Exception as exc:
+        raise errors.BadRequest("the body is not valid JSON", code="bad_json") from exc
+    pixels, _ = _tensor(body, config().MAX_IMAGES)
+    mv = engine().version_for(parse_version(version))
+    norm = mv.manifest["normalization"]
+    batch = np.stack([normalize(img[0], norm["mean"], norm["std"]) for img in pixels])
+    prediction = engine().predict(batch, mv.version)
+    metrics.IMAGES.inc(len(batch))
+    probs = prediction.probabilities
+    return jsonify(
+        {
+            "model_name": prediction.name,
+            "model_version": str(prediction.version),
+            "id": body.get("id", ""),
+            "outputs": [
+                {
+                    "name": "probabilities",
+                    "datatype": "FP32",
+                    "shape": list(probs.shape),
+                    "data": [round(float(p), 6) for p in probs.ravel()],
+                },
+                {
+                    "name": "digit",
+                    "datatype": "INT64",
+                    "shape": [len(probs)],
+                    "data": [int(d) for d in probs.argmax(axis=1)],
+                },
+            ],
+        }
+    )

@@ -1,0 +1,66 @@
+"""The OpenAPI document: valid, and exactly the app's routes; responses match it."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+
+import jsonschema
+import pytest
+from openapi_spec_validator import validate
+from PIL import Image
+
+from service.api import openapi_document
+from service.app import create_app
+
+
+@pytest.fixture(scope="module")
+def client(tiny_store):
+    app = create_app({"STORE": str(tiny_store.root), "POLL_SECONDS": 0})
+    engine = app.extensions["digitserve.engine"]
+    assert engine.ready.wait(60)
+    yield app.test_client()
+    engine.stop()
+
+
+def app_routes(app) -> set[tuple[str, str]]:
+    routes = set()
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint == "static":
+            continue
+        path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)
+        routes |= {(path, m.lower()) for m in rule.methods - {"HEAD", "OPTIONS"}}
+    return routes
+
+
+def test_document_is_valid_openapi():
+    validate(openapi_document())
+
+
+def test_document_describes_exactly_the_routes(client):
+    doc = openapi_document()
+    documented = {(path, method) for path, ops in doc["paths"].items() for method in ops}
+    assert documented == app_routes(client.application)
+
+
+def schema(name: str) -> dict:
+    doc = openapi_document()
+    return {"$ref": f"#/components/schemas/{name}", "components": doc["components"]}
+
+
+def test_responses_match_their_schemas(client, sample_test):
+    buf = io.BytesIO()
+    Image.fromarray(sample_test.images[0]).save(buf, "PNG")
+    ok = client.post("/predict", data=buf.getvalue(), content_type="image/png")
+    assert ok.status_code == 200
+    jsonschema.validate(ok.get_json(), schema("PredictResponse"))
+    err = client.post("/predict", data=b"nope", content_type="image/png")
+    assert err.status_code == 400
+    jsonschema.validate(err.get_json(), schema("Error"))
+    jsonschema.validate(client.get("/metadata").get_json(), schema("ModelDescription"))
+
+
+def test_served_document_is_the_file(client):
+    served = client.get("/openapi.json").get_json()
+    assert served == json.loads(json.dumps(openapi_document()))
