@@ -11,7 +11,6 @@ import os
 import shutil
 import tempfile
 
-
 _cpus = os.cpu_count() or 1
 
 bind = os.environ.get("DIGITSERVE_BIND", "127.0.0.1:8000")
