@@ -1,0 +1,523 @@
+"""Image decoding and MNIST-style normalisation: the one place uploaded bytes become model input.
+
+Used by the service, the tests and the benchmarks, so training-time and serving-time inputs
+share exactly one definition of "an MNIST digit":
+
+* ``decode_image`` turns client bytes into a Pillow image or raises an ``ApiError`` subclass
+  (never a Pillow/numpy exception): 400 for empty/undecodable/truncated bytes, 413 for images
+  over the pixel budget (checked from the header, before any pixel is decoded), 415 for
+  recognisable but refused formats (PDF, HEIC, ICO, EPS, ...).
+* ``to_mnist`` reproduces MNIST's own normalisation (LeCun's MNIST page): light ink on a
+  dark background, the digit scaled to fit a 20x20 box keeping its aspect ratio
+  (anti-aliased), placed in a 28x28 field so that its centre of mass is at the centre.
+  Before that it copes with what users upload: 16-bit and float images, palettes,
+  transparency (canvas exports), CMYK, dark ink on paper, uneven lighting, gray paper.
+  A 28x28 image that already is in MNIST form passes through *unchanged* (no resampling):
+  the MNIST test set posted over HTTP scores like it does offline.
+* ``normalize`` applies the model's (x - mean) / std and adds the channel axis.
+
+An image without any ink (blank paper, fully transparent canvas) is not an error: it becomes
+an all-zero digit and the model answers for it, like it would for an empty MNIST field.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from service.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
+
+MNIST_SIZE = 28
+DIGIT_BOX = 20
+# MPO: the multi-picture JPEGs many phone cameras write.
+ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF", "MPO"})
+
+# Pixel processing happens on at most WORK_SIZE x WORK_SIZE pixels: 10x the output resolution
+# keeps strokes well resolved while a 12-megapixel photo costs the same as a thumbnail.
+WORK_SIZE = 10 * MNIST_SIZE
+# MNIST's centre of mass, as (row, col) index: it averages (13.99, 14.01) and all 70k digits
+# lie within +-0.52 of 14.0 (MNIST shifted by whole pixels). A digit in a 28x28 field that
+# close to it is not moved.
+_CENTRE = 14.0
+_CENTRE_TOLERANCE = 0.55
+# Below this, an image is treated as blank: ink must differ from the paper by ~20/255.
+_MIN_CONTRAST = 0.08
+# Ink level above which no contrast stretch is applied.
+_SATURATED = 0.98
+# Pixels this bright (ink = 1) seed the digit's bounding box; fainter ones only extend it.
+_STRONG = 0.3
+# Ink fainter than this does not extend the digit's box: it is noise, or an anti-aliased
+# edge too faint to matter once scaled down.
+_FAINT = 0.1
+# Stroke width in output pixels (2 * area / perimeter of ink >= 0.5): MNIST's median is 1.8,
+# its 5th percentile 1.2. Shrunk strokes thinner than _THIN are dilated to about _STROKE.
+_THIN = 0.8
+_STROKE = 1.8
+# Images at least this large get a spatially varying background (lighting gradients);
+# smaller ones are drawings or already-processed digits: a single level is enough.
+_FLATTEN_MIN = 64
+_GRID = 8  # background blocks per side
+# A run of rows/columns of strong ink lighter than this share of all strong ink, separated
+# from the rest by more than a small gap, is a speck (dust, noise), not part of the digit.
+_SPECK_MASS = 0.05
+
+# Image.open(formats=...) takes plugin ids; MPO files are opened by the JPEG plugin.
+_OPEN_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")
+# Well-known non-image or not-supported types, named in the 415 message.
+_MAGIC = (
+    (b"%PDF-", "PDF"),
+    (b"%!PS", "PostScript"),
+    (b"<svg", "SVG"),
+    (b"<?xml", "SVG/XML"),
+)
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis"}
+
+_HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
+
+
+def decode_image(data: bytes, *, max_pixels: int, min_size: int | None = None) -> Image.Image:
+    """Decode client bytes into a loaded, upright Pillow image (first frame if animated).
+
+    ``max_pixels`` is enforced from the header, before any pixel data is decompressed.
+    ``min_size``: JPEGs may be decoded by libjpeg at 1/2, 1/4 or 1/8 scale as long as both
+    sides stay >= min_size -- several times faster for phone photos (``preprocess`` passes
+    WORK_SIZE, the resolution it works at anyway).
+    """
+    if not data:
+        raise InvalidImage("empty image")
+    try:
+        image = Image.open(io.BytesIO(data), formats=_OPEN_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Pillow's own guard (its warning is only an exception under a strict warnings filter;
+        # otherwise our max_pixels check below catches the same image).
+        raise PayloadTooLarge(f"image too large: {exc}") from exc
+    except UnidentifiedImageError:
+        raise _unidentified(data) from None
+    except Exception as exc:  # hostile headers raise anything from SyntaxError to struct.error
+        raise InvalidImage(f"cannot decode image: {_reason(exc)}") from exc
+
+    if image.format not in ALLOWED_FORMATS:  # defensive: _OPEN_FORMATS already restricts
+        raise UnsupportedMediaType(f"image format {image.format} is not supported")
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise InvalidImage("image has no pixels")
+    if width * height > max_pixels:
+        raise PayloadTooLarge(
+            f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+        )
+
+    try:
+        if min_size and image.format in ("JPEG", "MPO"):
+            # Grayscale straight out of libjpeg when the file is YCbCr: luma is all we use.
+            image.draft("L" if image.mode in ("RGB", "L") else None, (min_size, min_size))
+        image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise PayloadTooLarge(f"image too large: {exc}") from exc
+    except Exception as exc:  # truncated data, corrupt chunks, decoder errors, ...
+        raise InvalidImage(f"cannot decode image: {_reason(exc)}") from exc
+
+    # Phone cameras store pixels sideways and say how to turn them in EXIF. In place: keeps
+    # image.format, and skips a copy when there is nothing to turn. Corrupt EXIF: the pixels
+    # themselves are fine, keep them as stored.
+    with contextlib.suppress(Exception):
+        ImageOps.exif_transpose(image, in_place=True)
+    return image
+
+
+def _unidentified(data: bytes) -> InvalidImage | UnsupportedMediaType:
+    """Tell "a format we refuse" (415) from "not an image at all" (400)."""
+    head = data[:64].lstrip()
+    for magic, name in _MAGIC:
+        if head.startswith(magic):
+            return UnsupportedMediaType(f"{name} is not a supported image format")
+    if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
+        return UnsupportedMediaType(
+            "HEIC/HEIF/AVIF images are not supported: upload PNG or JPEG (most phones can "
+            "export JPEG)"
+        )
+    try:
+        # Header-only identification with every Pillow plugin, to name the format.
+        fmt = Image.open(io.BytesIO(data)).format
+    except Exception:
+        fmt = None
+    if fmt:
+        return UnsupportedMediaType(
+            f"image format {fmt} is not supported; use one of {', '.join(sorted(ALLOWED_FORMATS))}"
+        )
+    return InvalidImage("cannot decode image: unknown or corrupt image format")
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc).strip() or type(exc).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# MNIST normalisation
+
+
+def to_mnist(image: Image.Image) -> np.ndarray:
+    """Any image of one digit -> float32 (28, 28) in [0, 1], light ink on dark, MNIST-normalised.
+
+    An image with no ink returns all zeros.
+    """
+    gray = _grayscale(image)
+    ink = _ink(gray) if gray.size else None
+    if ink is None:
+        return np.zeros((MNIST_SIZE, MNIST_SIZE), np.float32)
+    return _frame(ink)
+
+
+def normalize(digit: np.ndarray, mean: float, std: float) -> np.ndarray:
+    """(digit - mean) / std as the model's float32 (1, 28, 28) input."""
+    if digit.shape != (MNIST_SIZE, MNIST_SIZE):
+        raise ValueError(f"expected a {MNIST_SIZE}x{MNIST_SIZE} digit, got shape {digit.shape}")
+    if not std > 0:
+        raise ValueError(f"std must be positive, got {std}")
+    out = (np.asarray(digit, np.float32) - np.float32(mean)) / np.float32(std)
+    return out[np.newaxis].astype(np.float32, copy=False)
+
+
+def preprocess(data: bytes, *, mean: float, std: float, max_pixels: int) -> np.ndarray:
+    """Uploaded bytes -> the model's float32 (1, 28, 28) input; raises ApiError subclasses."""
+    image = decode_image(data, max_pixels=max_pixels, min_size=WORK_SIZE)
+    return normalize(to_mnist(image), mean, std)
+
+
+def _grayscale(image: Image.Image) -> np.ndarray:
+    """Float32 luminance in [0, 1], transparency composited, at most ~WORK_SIZE per side."""
+    factor = math.ceil(max(image.size) / WORK_SIZE) if max(image.size) > WORK_SIZE else 1
+    mode = image.mode
+
+    if mode in _HIGH_BIT_MODES:
+        gray = _high_bit(np.asarray(image))
+        if factor > 1:
+            gray = np.asarray(Image.fromarray(gray, "F").reduce(factor))
+        return gray
+
+    if mode in _ALPHA_MODES or "transparency" in image.info:
+        try:
+            rgba = image.convert("RGBA")
+        except (ValueError, OSError):
+            rgba = None
+        if rgba is not None:
+            if factor > 1:
+                rgba = rgba.reduce(factor)  # Pillow premultiplies alpha for this
+            lum = np.asarray(rgba.convert("L"), np.float32) / 255
+            alpha = np.asarray(rgba.getchannel("A"), np.float32) / 255
+            return _composite(lum, alpha)
+
+    gray_image = _to_l(image)
+    if factor > 1:
+        gray_image = gray_image.reduce(factor)
+    return np.asarray(gray_image, np.float32) / 255
+
+
+def _to_l(image: Image.Image) -> Image.Image:
+    if image.mode == "L":
+        return image
+    for path in (("L",), ("RGB", "L")):
+        try:
+            converted = image
+            for mode in path:
+                converted = converted.convert(mode)
+            return converted
+        except (ValueError, OSError):
+            continue
+    try:  # exotic modes (LAB, La, ...): the first band is lightness or close to it
+        return image.getchannel(0).convert("L")
+    except (ValueError, OSError) as exc:
+        raise UnsupportedMediaType(f"unsupported pixel mode {image.mode}") from exc
+
+
+def _high_bit(raw: np.ndarray) -> np.ndarray:
+    """16-bit, 32-bit int or float pixels -> [0, 1] by their real bit depth, not by 255."""
+    # float64: float32 data may span +-3e38, whose range overflows float32.
+    values = np.nan_to_num(raw.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    if values.size == 0:
+        return values.astype(np.float32)
+    low, high = float(values.min()), float(values.max())
+    if low >= 0 and high <= 1 and raw.dtype.kind == "f":
+        pass  # float data already in [0, 1]
+    elif low >= 0 and high < 2**32:
+        # The container (16/32-bit) does not say how many bits are used: a 12-bit sensor or
+        # scan stored in 16 bits peaks at 4095. Use the bits the data needs, at least 8,
+        # so 16-bit full-range data and 8-bit data kept in 'I' both scale exactly.
+        values /= 2 ** max(8, int(high).bit_length()) - 1
+    elif high > low:
+        values = (values - low) / (high - low)
+    else:
+        values = np.zeros_like(values)
+    return values.astype(np.float32)
+
+
+def _composite(lum: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Flatten transparency onto a backdrop that contrasts with the ink.
+
+    A canvas export is strokes on a fully transparent background; the strokes' colour
+    (black or white) decides whether the backdrop is white or black. A mostly opaque
+    image has its own background: its transparent bits take that colour.
+    """
+    if alpha.size == 0 or float(alpha.min()) >= 1.0:
+        return lum
+    opaque = alpha > 0.5
+    if opaque.mean() > 0.5:
+        backdrop = float(np.median(lum[opaque]))
+    else:
+        weight = float(alpha.sum())
+        if weight == 0:
+            return np.zeros_like(lum)  # fully transparent: nothing drawn
+        ink = float((lum * alpha).sum()) / weight
+        backdrop = 1.0 if ink < 0.5 else 0.0
+    return lum * alpha + np.float32(backdrop) * (1 - alpha)
+
+
+def _ink(gray: np.ndarray) -> np.ndarray | None:
+    """Grayscale -> ink intensity (0 = background, ~1 = stroke core); None if blank.
+
+    Each step is the identity on a clean MNIST digit (black border, ink peaking at 1).
+    """
+    ring = _ring(gray)
+    paper = float(np.median(ring))
+    # Ink is the minority that differs most from the paper: are the extremes darker?
+    darkest, brightest = np.percentile(gray, [0.1, 99.9])
+    if darkest == brightest:  # tiny digit: fewer ink pixels than the percentile
+        darkest, brightest = float(gray.min()), float(gray.max())
+    if paper - darkest > brightest - paper:
+        gray = 1 - gray
+
+    if min(gray.shape) >= _FLATTEN_MIN:
+        ink = gray - _background(gray)  # lighting gradients, shadows, gray paper
+    else:
+        ink = gray - np.float32(np.median(_ring(gray)))
+
+    # Noise floor from the border, which is paper: JPEG artefacts, sensor noise.
+    ring = _ring(ink)
+    level = float(np.median(ring))
+    # The 90th percentile of deviations, as ~1.64 sigma of Gaussian noise: the MAD would be 0
+    # for JPEG noise on a mostly-zero border, and MNIST's digits cover at most 5.6% of theirs.
+    spread = float(np.percentile(np.abs(ring - level), 90)) / 1.645
+    floor = level + 3 * spread
+    if floor > 0:
+        ink = ink - np.float32(floor)
+    ink = np.maximum(ink, 0, dtype=np.float32)
+
+    if float(ink.max()) < _MIN_CONTRAST:
+        return None
+    level = _ink_level(ink)
+    if level < _MIN_CONTRAST:
+        return None
+    if level < _SATURATED:
+        ink = ink / np.float32(level)
+    return np.minimum(ink, 1, dtype=np.float32)
+
+
+def _ink_level(ink: np.ndarray) -> float:
+    """The brightest 1% of the ink class (not the max: a hot pixel is no stroke).
+
+    Contrast is stretched so that this is 1, unless it already is >= _SATURATED: that
+    holds for every MNIST digit (>= 0.988 over all 70k), which stay untouched.
+    """
+    # Over the non-zero pixels only, so the answer does not depend on how much empty
+    # background surrounds the digit (that makes to_mnist idempotent).
+    drawn = ink[ink > 0]
+    if drawn.size == 0:
+        return 0.0
+    strokes = drawn[drawn > _otsu(drawn)]
+    if strokes.size == 0:
+        return float(drawn.max())
+    k = 1 + strokes.size // 100
+    return float(np.partition(strokes, -k)[-k])
+
+
+def _ring(a: np.ndarray) -> np.ndarray:
+    """The outer ~3% of the image (at least one pixel): assumed to be background."""
+    width = max(1, round(0.03 * min(a.shape)))
+    return np.concatenate(
+        [
+            a[:width].ravel(),
+            a[-width:].ravel(),
+            a[width:-width, :width].ravel(),
+            a[width:-width, -width:].ravel(),
+        ]
+    )
+
+
+def _background(gray: np.ndarray) -> np.ndarray:
+    """Smooth estimate of the background (ink is bright here) to subtract.
+
+    A low percentile per block of an 8x8 grid ignores strokes crossing a block; a grey
+    opening over the grid removes blocks that are mostly ink; bilinear upsampling makes it
+    a smooth field that follows lighting gradients.
+    """
+    height, width = gray.shape
+    bh, bw = height // _GRID, width // _GRID
+    blocks = gray[: bh * _GRID, : bw * _GRID].reshape(_GRID, bh, _GRID, bw)
+    blocks = blocks.transpose(0, 2, 1, 3).reshape(_GRID, _GRID, bh * bw)
+    k = (bh * bw) // 4
+    grid = np.partition(blocks, k, axis=-1)[..., k]
+    grid = _grid_filter(_grid_filter(grid, np.minimum), np.maximum)
+    field = Image.fromarray(grid.astype(np.float32), "F").resize((width, height), Image.BILINEAR)
+    return np.asarray(field)
+
+
+def _grid_filter(grid: np.ndarray, op: np.ufunc) -> np.ndarray:
+    """3x3 min or max filter with edge replication."""
+    padded = np.pad(grid, 1, mode="edge")
+    out = grid.copy()
+    rows, cols = grid.shape
+    for dy in range(3):
+        for dx in range(3):
+            out = op(out, padded[dy : dy + rows, dx : dx + cols])
+    return out
+
+
+def _otsu(values: np.ndarray) -> float:
+    """Otsu's threshold between background and ink levels."""
+    high = float(values.max())
+    if high <= 0:
+        return 0.0
+    hist, edges = np.histogram(values, bins=64, range=(0.0, high))
+    hist = hist.astype(np.float64)
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centres)
+    m1 = m0[-1] - m0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = w0 * w1 * (m0 / w0 - m1 / w1) ** 2
+    between = np.nan_to_num(between[:-1], nan=-1.0)
+    return float(edges[int(np.argmax(between)) + 1])
+
+
+def _frame(ink: np.ndarray) -> np.ndarray:
+    """Crop to the digit, fit it in the 20x20 box, centre it by mass in a 28x28 field."""
+    rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
+    if DIGIT_BOX - 1 <= max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1 <= DIGIT_BOX:
+        # Already at MNIST scale: keep all of it, specks included, as MNIST's own box does.
+        top, bottom, left, right = rows[0], rows[-1], cols[0], cols[-1]
+    else:
+        top, bottom, left, right = _digit_box(ink)
+    patch = ink[top : bottom + 1, left : right + 1]
+    height, width = patch.shape
+    side = max(height, width)
+    # A digit already 19-20 px is kept as is: that is every MNIST digit, and resampling would
+    # blur it for a sub-pixel size change.
+    resampled = not DIGIT_BOX - 1 <= side <= DIGIT_BOX
+    if resampled:
+        if side > DIGIT_BOX:
+            patch = _thicken(patch, DIGIT_BOX / side)
+            height, width = patch.shape
+            side = max(height, width)
+        scale = DIGIT_BOX / side
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        # Area averaging is MNIST's anti-aliasing when shrinking; bilinear when enlarging.
+        resample = Image.BOX if scale < 1 else Image.BILINEAR
+        patch = np.asarray(Image.fromarray(patch, "F").resize(size, resample))
+        patch = np.clip(patch, 0, 1)
+        if float(patch.max()) <= 0:
+            return np.zeros((MNIST_SIZE, MNIST_SIZE), np.float32)
+        level = _ink_level(patch)
+        if 0 < level < _SATURATED:  # shrinking thin strokes dims them: restore the ink level
+            patch = np.minimum(patch / np.float32(level), 1)
+        height, width = patch.shape
+
+    mass = float(patch.sum())
+    cy = float(patch.sum(axis=1) @ np.arange(height)) / mass
+    cx = float(patch.sum(axis=0) @ np.arange(width)) / mass
+    # Ideal (fractional) position of the patch, rounded to whole pixels like MNIST did...
+    y, x = _CENTRE - cy, _CENTRE - cx
+    if resampled or ink.shape != (MNIST_SIZE, MNIST_SIZE):
+        y, x = round(y), round(x)
+    else:  # ...but a digit already placed within MNIST's leeway stays put.
+        y = int(top) if abs(y - top) <= _CENTRE_TOLERANCE else round(y)
+        x = int(left) if abs(x - left) <= _CENTRE_TOLERANCE else round(x)
+    y = min(max(y, 0), MNIST_SIZE - height)
+    x = min(max(x, 0), MNIST_SIZE - width)
+    out = np.zeros((MNIST_SIZE, MNIST_SIZE), np.float32)
+    out[y : y + height, x : x + width] = patch
+    return out
+
+
+def _thicken(patch: np.ndarray, scale: float) -> np.ndarray:
+    """Dilate strokes that would end up much thinner than MNIST's once shrunk by `scale`.
+
+    A pen on paper, photographed, gives strokes ~1% of the digit's height: shrunk to 20 px
+    they would be faint hairlines, unlike anything the model was trained on.
+    """
+    width = _stroke_width(patch >= 0.5)
+    if width * scale >= _THIN:
+        return patch
+    size = 1 + round(_STROKE / scale - width)  # a max filter of size n widens strokes by n - 1
+    if size < 2:
+        return patch
+    # Square max filter, separable; the patch grows by size - 1 so no stroke is clipped.
+    padded = np.pad(patch, size - 1)
+    rows = padded.shape[0] - size + 1
+    out = padded[:rows].copy()
+    for shift in range(1, size):
+        np.maximum(out, padded[shift : shift + rows], out=out)
+    cols = out.shape[1] - size + 1
+    result = out[:, :cols].copy()
+    for shift in range(1, size):
+        np.maximum(result, out[:, shift : shift + cols], out=result)
+    return result
+
+
+def _stroke_width(mask: np.ndarray) -> float:
+    """Mean stroke width in pixels: 2 * area / boundary length (long thin strokes)."""
+    area = np.count_nonzero(mask)
+    boundary = np.count_nonzero(mask[:, 1:] != mask[:, :-1])
+    boundary += np.count_nonzero(mask[1:] != mask[:-1])
+    boundary += np.count_nonzero(mask[:, [0, -1]]) + np.count_nonzero(mask[[0, -1]])
+    return 2 * area / boundary if boundary else 0.0
+
+
+def _digit_box(ink: np.ndarray) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right), inclusive: strong ink minus specks, grown over faint edges."""
+    strong = ink >= _STRONG
+    top, bottom = _extent(strong.sum(axis=1))
+    left, right = _extent(strong.sum(axis=0))
+    # Grow over adjacent non-zero pixels: anti-aliased edges and faint stroke ends belong to
+    # the digit; isolated noise beyond a gap does not.
+    nz = ink > _FAINT
+    rows, cols = nz.shape
+    grown = True
+    while grown:
+        grown = False
+        lo, hi = max(left - 1, 0), min(right + 2, cols)
+        if top > 0 and nz[top - 1, lo:hi].any():
+            top, grown = top - 1, True
+        if bottom < rows - 1 and nz[bottom + 1, lo:hi].any():
+            bottom, grown = bottom + 1, True
+        lo, hi = max(top - 1, 0), min(bottom + 2, rows)
+        if left > 0 and nz[lo:hi, left - 1].any():
+            left, grown = left - 1, True
+        if right < cols - 1 and nz[lo:hi, right + 1].any():
+            right, grown = right + 1, True
+    return top, bottom, left, right
+
+
+def _extent(profile: np.ndarray) -> tuple[int, int]:
+    """First and last index of the profile's substantial runs (specks dropped)."""
+    on = np.flatnonzero(profile)
+    if on.size == 0:  # cannot happen for a non-blank image; keep everything
+        return 0, len(profile) - 1
+    gap = max(2, round(0.04 * len(profile)))
+    # Split the non-zero indices into runs separated by more than `gap` empty entries.
+    breaks = np.flatnonzero(np.diff(on) > gap + 1)
+    starts = np.concatenate([[0], breaks + 1])
+    ends = np.concatenate([breaks, [on.size - 1]])
+    cumulative = np.concatenate([[0], np.cumsum(profile[on])])
+    masses = cumulative[ends + 1] - cumulative[starts]
+    keep = (masses >= _SPECK_MASS * cumulative[-1]) | (masses == masses.max())
+    kept = np.flatnonzero(keep)
+    return int(on[starts[kept[0]]]), int(on[ends[kept[-1]]])

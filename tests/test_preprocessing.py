@@ -1,0 +1,565 @@
+"""service.preprocessing: decoding every upload format, MNIST normalisation, error mapping.
+
+The central promise: a 28x28 digit already in MNIST form goes through bit-exactly, so the
+test set posted over HTTP scores like it does offline. Everything else (formats, photos,
+canvas exports) must come out close to the digit it shows; any bytes a client can send end
+in a 28x28 digit or an ApiError, never in a Pillow/numpy exception.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image, ImageDraw, ImageFile
+
+from service.errors import ApiError, InvalidImage, PayloadTooLarge, UnsupportedMediaType
+from service.preprocessing import (
+    ALLOWED_FORMATS,
+    DIGIT_BOX,
+    MNIST_SIZE,
+    decode_image,
+    normalize,
+    preprocess,
+    to_mnist,
+)
+
+from . import images
+
+MEAN, STD = 0.1307, 0.3081
+MAX_PIXELS = 40_000_000
+FUZZ_MAX_PIXELS = 2_000_000  # mutated headers may declare big images: keep fuzzing cheap
+DIGITS, LABELS = images.sample_digits(10)
+
+
+def mnist(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    return to_mnist(decode_image(data, max_pixels=max_pixels))
+
+
+def aligned_corr(a: np.ndarray, b: np.ndarray) -> float:
+    """Correlation allowing a 1-pixel shift: centring by mass rounds to whole pixels, so
+    two faithful renderings of a digit can sit one pixel apart."""
+    b = np.asarray(b, np.float64).ravel()
+    return max(
+        float(np.corrcoef(np.roll(a, (dy, dx), (0, 1)).ravel(), b)[0, 1])
+        for dy in (-1, 0, 1)
+        for dx in (-1, 0, 1)
+    )
+
+
+def centre_of_mass(a: np.ndarray) -> tuple[float, float]:
+    mass = a.sum()
+    return (
+        float(a.sum(axis=1) @ np.arange(a.shape[0]) / mass),
+        float(a.sum(axis=0) @ np.arange(a.shape[1]) / mass),
+    )
+
+
+def ink_box(a: np.ndarray, threshold: float = 0.0) -> tuple[int, int]:
+    rows, cols = np.flatnonzero((a > threshold).any(1)), np.flatnonzero((a > threshold).any(0))
+    return int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
+
+
+def assert_mnist_shaped(out: np.ndarray) -> None:
+    assert out.shape == (MNIST_SIZE, MNIST_SIZE)
+    assert out.dtype == np.float32
+    assert np.isfinite(out).all()
+    assert out.min() >= 0 and out.max() <= 1
+
+
+# --------------------------------------------------------------------------------------------
+# MNIST pass-through
+
+
+def assert_passes_through(digits: np.ndarray) -> None:
+    expected = digits.astype(np.float32) / 255
+    changed = []
+    for i, digit in enumerate(digits):
+        out = to_mnist(Image.fromarray(digit))
+        if not np.array_equal(out, expected[i]):
+            changed.append((i, float(np.abs(out - expected[i]).max())))
+    assert not changed, f"{len(changed)} of {len(digits)} digits changed: {changed[:10]}"
+
+
+def test_committed_mnist_sample_passes_through_unchanged():
+    sample = images.mnist_sample()
+    if sample is None:
+        pytest.skip("no MNIST sample in tests/data/mnist-sample or ../shared/data/mnist")
+    digits, _ = sample
+    assert_passes_through(digits[:2000])
+    # ...and through the bytes a client posts, in both polarities.
+    for digit in digits[:50]:
+        expected = normalize(digit.astype(np.float32) / 255, MEAN, STD)
+        for paper in (False, True):
+            data = images.encode_bytes(digit, "PNG", paper=paper)
+            got = preprocess(data, mean=MEAN, std=STD, max_pixels=MAX_PIXELS)
+            np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_full_mnist_test_digits_pass_through_unchanged(full_test):
+    assert_passes_through(full_test.images[:2000])
+
+
+@pytest.mark.slow
+def test_all_70k_mnist_digits_pass_through_unchanged():
+    folder = Path(os.environ.get("MNIST_DIR") or images.MNIST_DIRS[-1])
+    if not (folder / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"full MNIST not found in {folder}")
+    for stem in ("t10k-images-idx3-ubyte.gz", "train-images-idx3-ubyte.gz"):
+        assert_passes_through(images.read_idx(folder / stem))
+
+
+def test_mnist_form_is_a_fixed_point_of_the_pipeline():
+    out = to_mnist(Image.fromarray(DIGITS[0]))
+    again = to_mnist(Image.fromarray(out, "F"))
+    np.testing.assert_array_equal(again, out)
+
+
+# --------------------------------------------------------------------------------------------
+# Upload formats
+
+
+@pytest.mark.parametrize(
+    ("fmt", "paper"),
+    [
+        pytest.param(fmt, paper, id=f"{fmt}-{'ink-on-paper' if paper else 'ink-on-black'}")
+        for fmt in images.FORMATS
+        for paper in (False, True)
+        if not (paper and fmt in images.ALPHA_FORMATS)  # those carry the ink in alpha
+    ],
+)
+def test_every_format_round_trips(fmt, paper):
+    for digit in DIGITS:
+        data, mimetype = images.encode(digit, fmt, paper=paper)
+        assert mimetype.startswith("image/")
+        out = mnist(data)
+        assert_mnist_shaped(out)
+        if fmt in images.LOSSLESS:
+            np.testing.assert_allclose(out, digit / 255, atol=1e-6, err_msg=fmt)
+        else:
+            assert aligned_corr(out, digit) > 0.98, fmt
+            assert np.abs(out - digit / 255).mean() < 0.02, fmt
+
+
+def test_decoded_formats_and_first_frame():
+    digit = DIGITS[3]
+    for fmt, expected in [
+        ("PNG", "PNG"),
+        ("JPEG", "JPEG"),
+        ("MPO", "MPO"),
+        ("GIF", "GIF"),
+        ("BMP", "BMP"),
+        ("WEBP", "WEBP"),
+        ("TIFF", "TIFF"),
+    ]:
+        image = decode_image(images.encode_bytes(digit, fmt), max_pixels=MAX_PIXELS)
+        assert image.format == expected and image.format in ALLOWED_FORMATS
+    gif = Image.open(io.BytesIO(images.encode_bytes(digit, "GIF")))
+    assert gif.n_frames == 2  # the second frame differs; only the first one is the digit
+    np.testing.assert_allclose(mnist(images.encode_bytes(digit, "GIF")), digit / 255, atol=1e-6)
+
+
+def test_exif_orientation_is_applied():
+    digit = DIGITS[4]
+    data = images.encode_bytes(digit, "JPEG_EXIF_ROTATED")
+    stored = np.asarray(Image.open(io.BytesIO(data)).convert("L"), np.float32)
+    assert aligned_corr(stored, digit) < 0.8  # the stored pixels are sideways
+    upright = np.asarray(decode_image(data, max_pixels=MAX_PIXELS).convert("L"), np.float32)
+    assert aligned_corr(upright, digit) > 0.99
+
+
+def test_sixteen_bit_and_float_images_scale_by_their_bit_depth():
+    digit = DIGITS[5]
+    expected = digit / 255
+    for array in (
+        digit.astype(np.uint16) * 257,  # 16-bit full range ('I;16')
+        digit.astype(np.int32) * 257,  # 'I'
+        digit.astype(np.int32),  # 8-bit data kept in 'I'
+        digit.astype(np.float32),  # 'F' with 0..255
+        digit.astype(np.float32) / 255,  # 'F' with 0..1
+    ):
+        np.testing.assert_allclose(to_mnist(Image.fromarray(array)), expected, atol=1e-6)
+    # 12-bit data in a 16-bit container: not 255ths (would saturate), not 65535ths (too dim).
+    twelve_bit = Image.fromarray(np.round(digit * (4095 / 255)).astype(np.uint16))
+    assert twelve_bit.mode == "I;16"
+    np.testing.assert_allclose(to_mnist(twelve_bit), expected, atol=1 / 255)
+
+
+def test_cmyk_jpeg():
+    digit = DIGITS[6]
+    data = images.encode_bytes(digit, "JPEG_CMYK", paper=True)
+    assert Image.open(io.BytesIO(data)).mode == "CMYK"
+    assert aligned_corr(mnist(data), digit) > 0.98
+
+
+@pytest.mark.parametrize("white", [False, True], ids=["black-strokes", "white-strokes"])
+def test_canvas_export_on_transparent_background(white):
+    scores = []
+    for digit in DIGITS:
+        data = images.canvas_png(digit, white=white)
+        image = decode_image(data, max_pixels=MAX_PIXELS)
+        assert image.mode == "RGBA" and image.size == (280, 280)
+        out = to_mnist(image)
+        assert_mnist_shaped(out)
+        assert max(ink_box(out)) == DIGIT_BOX
+        scores.append(aligned_corr(out, digit))
+    assert min(scores) > 0.85 and np.mean(scores) > 0.93, scores
+
+
+def test_transparent_corners_of_an_opaque_picture_take_its_background_colour():
+    digit = DIGITS[7]
+    paper = Image.fromarray(255 - digit).resize((140, 140), Image.BILINEAR).convert("RGBA")
+    alpha = Image.new("L", paper.size, 255)
+    ImageDraw.Draw(alpha).rectangle((0, 0, 20, 20), fill=0)  # a transparent corner
+    paper.putalpha(alpha)
+    out = to_mnist(paper)
+    assert aligned_corr(out, digit) > 0.9
+    assert out[:3, :3].max() == 0
+
+
+def test_fully_transparent_canvas_is_blank():
+    blank = Image.new("RGBA", (280, 280), (0, 0, 0, 0))
+    np.testing.assert_array_equal(to_mnist(blank), np.zeros((28, 28), np.float32))
+
+
+# --------------------------------------------------------------------------------------------
+# Photos and drawings
+
+
+def test_phone_photos_give_a_centred_mnist_digit():
+    rng = np.random.default_rng(7)
+    scores = []
+    for digit in DIGITS:
+        data = images.phone_photo(digit, rng)
+        assert 400 <= max(Image.open(io.BytesIO(data)).size) <= 1000
+        out = preprocess(data, mean=0.0, std=1.0, max_pixels=MAX_PIXELS)[0]
+        assert_mnist_shaped(out)
+        assert max(ink_box(out)) == DIGIT_BOX
+        cy, cx = centre_of_mass(out)
+        assert abs(cy - 14) <= 1 and abs(cx - 14) <= 1
+        assert out.max() >= 0.98  # contrast stretched: the strokes are ink, not gray
+        assert (out < 0.05).mean() > 0.6  # and the paper became background
+        scores.append(aligned_corr(out, digit))
+    assert min(scores) > 0.7 and np.mean(scores) > 0.85, scores
+
+
+def test_large_photo_is_fast_and_correct():
+    digit = DIGITS[2]
+    data = images.phone_photo(digit, np.random.default_rng(3), long_side=4000)
+    assert max(Image.open(io.BytesIO(data)).size) == 4000
+    preprocess(data, mean=MEAN, std=STD, max_pixels=MAX_PIXELS)  # warm-up
+    timings = []
+    for _ in range(5):
+        start = time.perf_counter()
+        out = preprocess(data, mean=0.0, std=1.0, max_pixels=MAX_PIXELS)[0]
+        timings.append(time.perf_counter() - start)
+    # ~25 ms on an idle core (mostly libjpeg's entropy decoding); generous for busy CI.
+    assert min(timings) < 0.25, timings
+    assert aligned_corr(out, digit) > 0.8
+
+
+def test_small_images_are_fast():
+    data = images.encode_bytes(DIGITS[1], "PNG")
+    timings = []
+    for _ in range(50):
+        start = time.perf_counter()
+        preprocess(data, mean=MEAN, std=STD, max_pixels=MAX_PIXELS)
+        timings.append(time.perf_counter() - start)
+    assert np.median(timings) < 0.02, np.median(timings)  # ~1 ms idle; generous for CI
+
+
+def test_thin_pen_strokes_are_thickened_to_mnist_width():
+    page = Image.new("RGB", (1500, 2000), (235, 232, 225))
+    ImageDraw.Draw(page).line([(500, 600), (1000, 600), (650, 1400)], fill=(30, 30, 80), width=12)
+    data = io.BytesIO()
+    page.save(data, "JPEG", quality=90)
+    out = mnist(data.getvalue())
+    assert ink_box(out)[0] == DIGIT_BOX
+    assert out.max() == 1.0
+    # MNIST's ink mass: ~100 for a 7 (1.8 px strokes); bare hairlines would give ~30.
+    assert 50 < out.sum() < 160, out.sum()
+    assert aligned_corr(out, images.synthetic_digit(7)) > 0.6
+
+
+def test_uneven_lighting_and_gray_paper_are_flattened():
+    digit = DIGITS[8]
+    size = 300
+    ink = np.asarray(Image.fromarray(digit).resize((size, size), Image.BILINEAR), np.float32) / 255
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    paper = 0.35 + 0.45 * xx + 0.1 * yy  # dim gray on the left, bright on the right
+    photo = paper * (1 - 0.8 * ink)
+    out = to_mnist(Image.fromarray((photo * 255).astype(np.uint8)))
+    assert aligned_corr(out, digit) > 0.9
+    assert (out == 0).mean() > 0.5
+
+
+def test_specks_far_from_the_digit_are_ignored():
+    digit = DIGITS[9]
+    big = np.asarray(Image.fromarray(digit).resize((112, 112), Image.BILINEAR))
+    page = np.zeros((200, 200), np.uint8)
+    page[40:152, 40:152] = big
+    clean = to_mnist(Image.fromarray(page))
+    for y, x in [(5, 5), (190, 30), (100, 192), (3, 120)]:
+        page[y : y + 2, x : x + 2] = 255
+    np.testing.assert_allclose(to_mnist(Image.fromarray(page)), clean, atol=1e-6)
+    assert aligned_corr(clean, digit) > 0.95
+
+
+def test_small_off_centre_digit_is_scaled_and_centred():
+    digit = DIGITS[0]
+    small = np.asarray(Image.fromarray(digit).resize((14, 14), Image.BOX))
+    field = np.zeros((28, 28), np.uint8)
+    field[:14, 14:] = small  # top-right corner, half size
+    out = to_mnist(Image.fromarray(field))
+    assert max(ink_box(out)) == DIGIT_BOX
+    cy, cx = centre_of_mass(out)
+    assert abs(cy - 14) <= 0.55 and abs(cx - 14) <= 0.55
+    assert aligned_corr(out, digit) > 0.85  # upscaled from 14 px: blurrier than the original
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        Image.new("L", (28, 28), 0),
+        Image.new("L", (28, 28), 255),
+        Image.new("RGB", (640, 480), (200, 190, 170)),
+        Image.new("L", (1, 1), 128),
+        Image.new("I;16", (40, 30), 30000),
+        Image.new("L", (0, 0)),
+    ],
+    ids=["black", "white", "paper", "1x1", "16-bit-flat", "empty"],
+)
+def test_blank_images_give_an_all_zero_digit(image):
+    np.testing.assert_array_equal(to_mnist(image), np.zeros((28, 28), np.float32))
+
+
+def test_photo_of_blank_paper_is_blank():
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:480, 0:640] / 640
+    paper = 200 + 40 * xx - 30 * yy + rng.normal(0, 3, (480, 640))
+    out = to_mnist(Image.fromarray(np.clip(paper, 0, 255).astype(np.uint8)))
+    np.testing.assert_array_equal(out, np.zeros((28, 28), np.float32))
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile and broken input
+
+
+def test_decompression_bomb_is_refused_before_decoding(monkeypatch):
+    def no_decoding(self):
+        raise AssertionError("pixel data must not be decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    bomb = images.decompression_bomb()
+    assert len(bomb) < 100_000
+    start = time.perf_counter()
+    with pytest.raises(PayloadTooLarge):  # over Pillow's own limit too
+        decode_image(bomb, max_pixels=MAX_PIXELS)
+    with pytest.raises(PayloadTooLarge, match="3000x3000"):  # over ours only
+        decode_image(images.zero_png(3000, 3000), max_pixels=1_000_000)
+    with pytest.raises(PayloadTooLarge):
+        preprocess(bomb, mean=MEAN, std=STD, max_pixels=MAX_PIXELS)
+    assert time.perf_counter() - start < 1.0
+
+
+def test_image_at_the_pixel_limit_is_decoded():
+    data = images.zero_png(1000, 1000)
+    assert decode_image(data, max_pixels=1_000_000).size == (1000, 1000)
+    with pytest.raises(PayloadTooLarge):
+        decode_image(data, max_pixels=999_999)
+
+
+@pytest.mark.parametrize(
+    ("payload", "error"),
+    [
+        pytest.param(images.EMPTY, InvalidImage, id="empty"),
+        pytest.param(images.random_bytes(np.random.default_rng(1)), InvalidImage, id="random"),
+        pytest.param(b"hello, world\n", InvalidImage, id="text"),
+        pytest.param(b"\x89PNG\r\n\x1a\n garbage", InvalidImage, id="png-signature-garbage"),
+        pytest.param(images.truncated_png(), InvalidImage, id="truncated-png"),
+        pytest.param(
+            images.truncated(images.encode_bytes(DIGITS[0], "JPEG"), 0.5),
+            InvalidImage,
+            id="truncated-jpeg",
+        ),
+        pytest.param(
+            images.truncated(images.encode_bytes(DIGITS[0], "GIF"), 0.3),
+            InvalidImage,
+            id="truncated-gif",
+        ),
+        pytest.param(
+            images.truncated(images.encode_bytes(DIGITS[0], "TIFF"), 0.5),
+            InvalidImage,
+            id="truncated-tiff",
+        ),
+        pytest.param(images.pdf_bytes(DIGITS[0]), UnsupportedMediaType, id="pdf"),
+        pytest.param(images.ico_bytes(DIGITS[0]), UnsupportedMediaType, id="ico"),
+        pytest.param(images.heic_header(), UnsupportedMediaType, id="heic"),
+        pytest.param(b"<svg xmlns='http://www.w3.org/2000/svg'/>", UnsupportedMediaType, id="svg"),
+    ],
+)
+def test_bad_payloads_map_to_api_errors(payload, error):
+    with pytest.raises(error) as caught:
+        preprocess(payload, mean=MEAN, std=STD, max_pixels=MAX_PIXELS)
+    assert caught.value.message
+
+
+def test_refused_formats_are_named():
+    for data in (images.ico_bytes(DIGITS[0]), _encode_other(DIGITS[0], "PPM")):
+        with pytest.raises(UnsupportedMediaType, match="not supported"):
+            decode_image(data, max_pixels=MAX_PIXELS)
+
+
+def _encode_other(digit: np.ndarray, fmt: str) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(digit).save(out, fmt)
+    return out.getvalue()
+
+
+def check_valid_or_api_error(data: bytes) -> None:
+    try:
+        out = preprocess(data, mean=MEAN, std=STD, max_pixels=FUZZ_MAX_PIXELS)
+    except ApiError:
+        return
+    assert out.shape == (1, MNIST_SIZE, MNIST_SIZE) and out.dtype == np.float32
+    assert np.isfinite(out).all()
+
+
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+ENCODED = {
+    (fmt, paper): images.encode_bytes(DIGITS[2], fmt, paper=paper)
+    for fmt in images.FORMATS
+    for paper in (False, True)
+}
+
+
+@FUZZ
+@given(st.binary(max_size=2048))
+def test_arbitrary_bytes_never_raise_anything_but_api_errors(data):
+    check_valid_or_api_error(data)
+
+
+@st.composite
+def mutated_images(draw: st.DrawFn) -> bytes:
+    data = bytearray(draw(st.sampled_from(sorted(ENCODED.items())))[1])
+    for _ in range(draw(st.integers(1, 4))):
+        # Headers hold sizes, modes and offsets: aim half of the damage there.
+        pos = draw(st.integers(0, min(63, len(data) - 1)) | st.integers(0, len(data) - 1))
+        op = draw(st.sampled_from(["flip", "truncate", "insert", "delete"]))
+        if op == "flip":
+            data[pos] ^= draw(st.integers(1, 255))
+        elif op == "truncate":
+            del data[max(pos, 1) :]
+        elif op == "insert":
+            data[pos:pos] = draw(st.binary(min_size=1, max_size=16))
+        else:
+            del data[pos : pos + draw(st.integers(1, 16))]
+        if not data:
+            break
+    return bytes(data)
+
+
+@FUZZ
+@given(mutated_images())
+def test_damaged_images_never_raise_anything_but_api_errors(data):
+    check_valid_or_api_error(data)
+
+
+MODES = ["1", "L", "P", "RGB", "RGBA", "LA", "PA", "La", "RGBa", "CMYK", "YCbCr", "HSV", "LAB"]
+MODES += ["I;16", "I;16B", "I", "F"]
+
+
+@st.composite
+def random_images(draw: st.DrawFn) -> Image.Image:
+    mode = draw(st.sampled_from(MODES))
+    size = (draw(st.integers(1, 90)), draw(st.integers(1, 90)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    kind = draw(st.sampled_from(["noise", "flat", "shapes"]))
+    if kind == "noise":  # raw bytes: NaN/inf floats, negative ints, random palettes
+        nbytes = len(Image.new(mode, size).tobytes())
+        image = Image.frombytes(mode, size, rng.integers(0, 256, nbytes, np.uint8).tobytes())
+    elif kind == "flat":
+        image = _convert(Image.new("L", size, int(rng.integers(0, 256))), mode)
+    else:
+        gray = Image.new("L", size, int(rng.integers(0, 256)))
+        draw_ = ImageDraw.Draw(gray)
+        for _ in range(int(rng.integers(1, 5))):
+            x0, x1 = sorted(rng.integers(0, size[0], 2))
+            y0, y1 = sorted(rng.integers(0, size[1], 2))
+            draw_.ellipse((x0, y0, x1, y1), outline=int(rng.integers(0, 256)), width=3)
+        image = _convert(gray, mode)
+    if mode == "P":
+        image.putpalette(rng.integers(0, 256, 768, np.uint8).tobytes())
+        if rng.random() < 0.5:
+            image.info["transparency"] = int(rng.integers(0, 256))
+    return image
+
+
+def _convert(image: Image.Image, mode: str) -> Image.Image:
+    if mode in ("La", "RGBa"):  # premultiplied modes convert only from their straight form
+        image = image.convert(mode.upper())
+    return image.convert(mode)
+
+
+@FUZZ
+@given(random_images())
+def test_any_image_gives_a_valid_digit(image):
+    assert_mnist_shaped(to_mnist(image))
+
+
+@st.composite
+def digit_scenes(draw: st.DrawFn) -> Image.Image:
+    """MNIST digits at another scale and position, either polarity, in a bigger picture."""
+    digit = DIGITS[draw(st.integers(0, len(DIGITS) - 1))]
+    side = draw(st.integers(8, 150))
+    width, height = draw(st.integers(side, side + 80)), draw(st.integers(side, side + 80))
+    scaled = Image.fromarray(digit).resize((side, side), Image.BILINEAR)
+    scene = Image.new("L", (width, height), 0)
+    scene.paste(scaled, (draw(st.integers(0, width - side)), draw(st.integers(0, height - side))))
+    if draw(st.booleans()):
+        scene = scene.point(lambda v: 255 - v)
+    return scene
+
+
+@settings(max_examples=60, deadline=None)
+@given(digit_scenes())
+def test_output_is_in_mnist_form_and_a_fixed_point(scene):
+    out = to_mnist(scene)
+    assert_mnist_shaped(out)
+    assert max(ink_box(out)) in (DIGIT_BOX - 1, DIGIT_BOX)
+    cy, cx = centre_of_mass(out)
+    # Centred by mass, unless the digit's box had to be kept inside the 28x28 field.
+    rows, cols = np.flatnonzero(out.any(1)), np.flatnonzero(out.any(0))
+    assert abs(cy - 14) <= 0.55 or rows[0] == 0 or rows[-1] == MNIST_SIZE - 1
+    assert abs(cx - 14) <= 0.55 or cols[0] == 0 or cols[-1] == MNIST_SIZE - 1
+    np.testing.assert_allclose(to_mnist(Image.fromarray(out, "F")), out, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# normalize / preprocess
+
+
+def test_normalize_gives_the_model_input():
+    digit = DIGITS[1].astype(np.float32) / 255
+    out = normalize(digit, MEAN, STD)
+    assert out.shape == (1, MNIST_SIZE, MNIST_SIZE) and out.dtype == np.float32
+    np.testing.assert_allclose(out[0], (digit - MEAN) / STD, rtol=1e-6)
+    with pytest.raises(ValueError):
+        normalize(np.zeros((1, 28, 28), np.float32), MEAN, STD)
+    with pytest.raises(ValueError):
+        normalize(digit, MEAN, 0.0)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "PNG_RGBA", "TIFF16"])
+def test_preprocess_is_decode_then_to_mnist_then_normalize(fmt):
+    data = images.encode_bytes(DIGITS[3], fmt)
+    expected = normalize(mnist(data), MEAN, STD)
+    np.testing.assert_allclose(
+        preprocess(data, mean=MEAN, std=STD, max_pixels=MAX_PIXELS), expected, atol=1e-6
+    )
