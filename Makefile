@@ -1,0 +1,59 @@
+# digitserve: the commands in the README. Needs Python 3.11 (mxnet 1.9.1 needs numpy<1.24,
+# which has no wheels for newer Pythons).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test test-all lint train evaluate study e2e clean python-check
+
+python-check:
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)' 2>/dev/null || { \
+	  echo "digitserve needs Python 3.11 (found: $$($(PYTHON) --version 2>&1 || echo none))."; \
+	  echo "Install python3.11 and run again, or: make PYTHON=/path/to/python3.11 ..."; exit 2; }
+
+$(STAMP)-serve: pyproject.toml | python-check
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(STAMP)-dev: pyproject.toml | python-check
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@ $(STAMP)-serve
+
+## Set up and serve the shipped model on http://127.0.0.1:8000 (Ctrl-C stops).
+run: $(STAMP)-serve
+	exec $(VENV)/bin/gunicorn -c service/gunicorn.conf.py "service.app:create_app()"
+
+## Set up and run the test suite (lint + tests; slow checks excluded).
+test: $(STAMP)-dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m pytest
+
+## Everything, slow checks included.
+test-all: $(STAMP)-dev
+	$(PY) -m pytest -m ""
+
+lint: $(STAMP)-dev
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+## Retrain and publish a new version (pass ARGS="--epochs 3 ...").
+train: $(STAMP)-dev
+	$(PY) -m training.train $(ARGS)
+
+evaluate: $(STAMP)-dev
+	$(PY) -m training.evaluate mnist $(ARGS)
+
+study: $(STAMP)-dev
+	$(PY) -m training.study $(ARGS)
+
+## Build and run the containers for real (podman + docker-compose), then clean up.
+e2e:
+	bash scripts/container-e2e.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
