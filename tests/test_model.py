@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import warnings
@@ -150,3 +151,39 @@ def test_evaluate_matches_manifest_on_the_shipped_model(shipped_store, full_test
     assert "match" in proc.stdout
     accuracy = shipped_store.resolve("mnist").manifest["metrics"]["test_accuracy"]
     assert accuracy >= 0.995
+
+
+def test_ctrl_c_during_training_publishes_nothing(tmp_path):
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "training.train",
+            "--epochs",
+            "200",
+            "--limit-train",
+            "500",
+            "--data-dir",
+            str(ROOT / "tests/data/mnist-sample"),
+            "--store",
+            str(tmp_path),
+            "--no-progress",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = proc.stderr.readline()
+        while line and not line.startswith("epoch 1:"):
+            line = proc.stderr.readline()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "nothing was published" in err and "Traceback" not in err
+    assert not (tmp_path / "mnist").exists() or not any(
+        p.name.isdigit() for p in (tmp_path / "mnist").iterdir()
+    )

@@ -91,7 +91,12 @@ def make_trainer(net: gluon.Block, cfg: TrainConfig, steps_per_epoch: int) -> gl
 
 
 def train(
-    cfg: TrainConfig, train_split: Split, test_split: Split, *, progress: bool = True
+    cfg: TrainConfig,
+    train_split: Split,
+    test_split: Split,
+    *,
+    progress: bool = True,
+    log_epochs: bool = False,
 ) -> TrainResult:
     rng = seed_everything(cfg.seed)
     if cfg.limit_train:
@@ -150,7 +155,7 @@ def train(
         result.history.append(row)
         if result.seconds_to_99 is None and test.accuracy >= 0.99:
             result.seconds_to_99 = elapsed
-        if progress:
+        if progress or log_epochs:
             print(
                 f"epoch {epoch}: train loss {row['train_loss']:.4f} acc "
                 f"{row['train_accuracy']:.4f} | test loss {test.loss:.4f} acc "
@@ -287,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         store = ModelStore(args.store)
         train_split = load_split("train", args.data_dir)
         test_split = load_split("test", args.data_dir)
-        result = train(cfg, train_split, test_split, progress=args.progress)
+        result = train(cfg, train_split, test_split, progress=args.progress, log_epochs=True)
         version = publish(store, args.name, cfg, result, train_split, test_split, command)
     except (DataError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
