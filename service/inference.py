@@ -72,6 +72,7 @@ class InferenceEngine:
         self._carry: _Job | None = None
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
         self.ready = threading.Event()
+        self._first_look_done = threading.Event()  # the start-up load tried, ok or not
         self.load_error: str | None = None
         self._stopping = False
 
@@ -95,14 +96,14 @@ class InferenceEngine:
     def version_for(self, version: int | None) -> ModelVersion:
         """The version a request will run on: pinned, or the current one.
 
-        Raises NotFound for an unknown version. Before the first model is loaded
-        it waits for it (a worker that booted late must not fail requests the
-        load balancer sent it), then answers ServiceUnavailable.
+        Raises NotFound for an unknown version. While the start-up load runs it
+        waits for it (a worker that booted late must not fail requests the load
+        balancer sent it); with no model after that, ServiceUnavailable.
         """
         if version is None:
             current = self._current
-            if current is None and self.alive and self.load_error is None:
-                self.ready.wait(self.config.INFERENCE_TIMEOUT)
+            if current is None and self.alive:
+                self._first_look_done.wait(self.config.INFERENCE_TIMEOUT)
                 current = self._current
             if current is None:
                 raise errors.ServiceUnavailable("the model is not loaded yet", code="not_ready")
@@ -162,7 +163,10 @@ class InferenceEngine:
 
     # -- engine-thread side -----------------------------------------------------------
     def _run(self) -> None:
-        self._check_store(initial=True)
+        try:
+            self._check_store(initial=True)
+        finally:
+            self._first_look_done.set()
         next_poll = time.monotonic() + self.config.POLL_SECONDS
         while True:
             wait = max(0.0, next_poll - time.monotonic()) if self.config.POLL_SECONDS > 0 else None
