@@ -285,9 +285,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainConfig]
 
 def main(argv: list[str] | None = None) -> int:
     args, cfg = parse_args(argv)
-    command = " ".join(
-        ["python -m training.train", shlex.join(sys.argv[1:] if argv is None else argv)]
-    ).strip()
+    command = shlex.join(
+        ["python", "-m", "training.train", *(sys.argv[1:] if argv is None else argv)]
+    )
     try:
         store = ModelStore(args.store)
         train_split = load_split("train", args.data_dir)
