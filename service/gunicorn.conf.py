@@ -13,17 +13,29 @@ import tempfile
 
 _cpus = os.cpu_count() or 1
 
-bind = os.environ.get("DIGITSERVE_BIND", "127.0.0.1:8000")
-workers = int(os.environ.get("DIGITSERVE_WORKERS", min(_cpus, 4)))
+
+def _int(name: str, default: int) -> int:
+    """An integer setting; unset or empty (as compose passes an unset one) is the default."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise SystemExit(f"{name}={raw!r} is not an integer") from None
+
+
+bind = os.environ.get("DIGITSERVE_BIND") or "127.0.0.1:8000"
+workers = _int("DIGITSERVE_WORKERS", min(_cpus, 4))
 worker_class = "gthread"
-threads = int(os.environ.get("DIGITSERVE_THREADS", 8))
-timeout = int(os.environ.get("DIGITSERVE_TIMEOUT", 60))
-graceful_timeout = int(os.environ.get("DIGITSERVE_GRACEFUL_TIMEOUT", 30))
-keepalive = int(os.environ.get("DIGITSERVE_KEEPALIVE", 5))
-backlog = int(os.environ.get("DIGITSERVE_BACKLOG", 512))
+threads = _int("DIGITSERVE_THREADS", 8)
+timeout = _int("DIGITSERVE_TIMEOUT", 60)
+graceful_timeout = _int("DIGITSERVE_GRACEFUL_TIMEOUT", 30)
+keepalive = _int("DIGITSERVE_KEEPALIVE", 5)
+backlog = _int("DIGITSERVE_BACKLOG", 512)
 accesslog = os.environ.get("DIGITSERVE_ACCESS_LOG", "-") or None
 errorlog = "-"
-loglevel = os.environ.get("DIGITSERVE_LOG_LEVEL", "info").lower()
+loglevel = (os.environ.get("DIGITSERVE_LOG_LEVEL") or "info").lower()
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms'
 # gunicorn >= 25's control socket: off unless asked for (several servers per host,
 # read-only homes in containers).
