@@ -15,6 +15,7 @@ from service import model as serving
 from service.store import ModelStore
 from training.data import load_split
 from training.evaluate import evaluate, format_confusion, parse_ref
+from training.train import describe_timing
 
 
 def main() -> None:
@@ -28,10 +29,7 @@ def main() -> None:
     m, t = mv.manifest, mv.manifest["training"]
     print(f"{name} v{mv.version} ({m['arch']}), trained {m['created']} on {t['machine']}")
     print(f"command: {t['command']}")
-    print(
-        f"training: {t['seconds']:.0f} s, {t['seconds_per_epoch']:.1f} s/epoch, "
-        f"99% test accuracy after {t['seconds_to_99'] or float('nan'):.0f} s"
-    )
+    print(f"training: {describe_timing(t)}")
     for row in m["history"]:
         print(
             f"  epoch {row['epoch']:>2}: test accuracy {row['test_accuracy']:.4f}, "

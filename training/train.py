@@ -303,11 +303,17 @@ def main(argv: list[str] | None = None) -> int:
     m = version.manifest
     print(
         f"published {version.name} v{version.version} at {version.path}: test accuracy "
-        f"{m['metrics']['test_accuracy']:.4%}, {m['training']['seconds']:.0f}s "
-        f"({m['training']['seconds_per_epoch']:.1f}s/epoch, 99% after "
-        f"{m['training']['seconds_to_99'] or float('nan'):.0f}s)"
+        f"{m['metrics']['test_accuracy']:.4%}, {describe_timing(m['training'])}"
     )
     return 0
+
+
+def describe_timing(training: dict) -> str:
+    """The manifest's training time, per epoch and to 99% test accuracy, in words."""
+    to_99 = training["seconds_to_99"]
+    return f"{training['seconds']:.0f} s, {training['seconds_per_epoch']:.1f} s/epoch, " + (
+        f"99% test accuracy after {to_99:.0f} s" if to_99 else "99% test accuracy not reached"
+    )
 
 
 if __name__ == "__main__":
