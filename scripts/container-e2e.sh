@@ -1,0 +1,330 @@
+#!/usr/bin/env bash
+# Container end-to-end test: the Dockerfile and docker-compose.yml, built and run
+# for real with podman (rootful) behind its Docker-compatible API and docker-compose.
+#
+#   sudo scripts/container-e2e.sh          # as root; about 4-8 minutes
+#
+# 1. installs what it needs from Debian if missing (podman, runc, debootstrap,
+#    docker-compose, curl, python3);
+# 2. makes a local bookworm + Python 3.11 base image (scripts/make-base-image.sh;
+#    its debootstrap rootfs is cached in $DIGITSERVE_E2E_CACHE between runs);
+# 3. builds the serving and training images with --build-arg BASE_IMAGE=...;
+# 4. `docker-compose up -d`, waits for the healthcheck (run by hand: podman
+#    schedules healthchecks through systemd, absent here), posts real MNIST test
+#    digits as PNGs to /predict on 127.0.0.1 and checks the answers;
+# 5. `docker-compose --profile train run --rm trainer` retrains on a small subset
+#    and publishes the next version into the store volume; checks that `web`
+#    serves it without a restart (hot swap), then that it stops cleanly on SIGTERM;
+# 6. brings everything down and deletes everything it made (containers, volumes,
+#    networks, images, podman's storage, the API service), failed or not.
+#    Only the base rootfs cache is kept.
+#
+# Environment (all optional):
+#   DIGITSERVE_E2E_CACHE         cache folder (default ~/.cache/digitserve-e2e)
+#   DIGITSERVE_E2E_TIMEOUT       overall bound in seconds (default 1800)
+#   DIGITSERVE_E2E_MNIST         MNIST IDX folder (default $MNIST_DIR, else
+#                                ../shared/data/mnist beside the repository); when
+#                                absent, the retraining part is skipped (said so)
+#   DIGITSERVE_E2E_TRAIN_ARGS    trainer arguments (default "--epochs 1 --limit-train 5000")
+#   DIGITSERVE_E2E_DIGITS        how many test digits to post (default 20)
+#   DIGITSERVE_E2E_MIN_ACCURACY  least share of them the shipped model must get right (0.9)
+#   DIGITSERVE_E2E_KEEP_IMAGES=1 keep the built images' storage (for a look afterwards;
+#                                the work folder is then left in place and named)
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+TOTAL_TIMEOUT=${DIGITSERVE_E2E_TIMEOUT:-1800}
+
+# The overall bound: run the whole script under timeout(1). On expiry every process
+# of the run gets SIGTERM; the EXIT trap below still cleans up (with 120 s to do it).
+if [[ -z ${_DIGITSERVE_E2E_BOUNDED:-} ]]; then
+    export _DIGITSERVE_E2E_BOUNDED=1
+    exec timeout --kill-after=120 "$TOTAL_TIMEOUT" bash "${BASH_SOURCE[0]}" "$@"
+fi
+
+CACHE=${DIGITSERVE_E2E_CACHE:-${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/digitserve-e2e}
+MNIST=${DIGITSERVE_E2E_MNIST:-${MNIST_DIR:-$ROOT/../shared/data/mnist}}
+TRAIN_ARGS=${DIGITSERVE_E2E_TRAIN_ARGS:---epochs 1 --limit-train 5000}
+N_DIGITS=${DIGITSERVE_E2E_DIGITS:-20}
+MIN_ACCURACY=${DIGITSERVE_E2E_MIN_ACCURACY:-0.9}
+BASE_TAG=localhost/digitserve-e2e-base:bookworm
+SERVE_TAG=localhost/digitserve:e2e
+TRAIN_TAG=localhost/digitserve-train:e2e
+STARTED=$SECONDS
+
+log() { printf '[e2e %4ds] %s\n' "$((SECONDS - STARTED))" "$*"; }
+die() { log "FAIL: $*"; exit 1; }
+# Every step that could hang runs under its own timeout (in the foreground
+# process group, so the overall bound still reaches its children).
+bounded() { local limit=$1; shift; timeout --foreground --kill-after=10 "$limit" "$@"; }
+
+# The caller's stdout/stderr, kept on fds 3 and 4: a trap can fire while a
+# function's output is redirected to a log file, and must still report here.
+exec 3>&1 4>&2
+[[ $(id -u) == 0 ]] || die "run as root (rootful podman, debootstrap)"
+export DEBIAN_FRONTEND=noninteractive NEEDRESTART_SUSPEND=1
+export LC_ALL=C.UTF-8
+
+# ---- 1. packages ---------------------------------------------------------------
+declare -A NEED=([podman]=podman [runc]=runc [debootstrap]=debootstrap
+                 [docker-compose]=docker-compose [curl]=curl [python3]=python3)
+missing=()
+for cmd in "${!NEED[@]}"; do
+    command -v "$cmd" >/dev/null 2>&1 || missing+=("${NEED[$cmd]}")
+done
+if ((${#missing[@]})); then
+    log "installing ${missing[*]} (and podman's companions) with apt"
+    bounded 600 apt-get update -qq
+    bounded 900 apt-get install -y -qq podman buildah runc debootstrap docker-compose curl \
+        python3 >/dev/null
+fi
+
+# ---- the work folder: podman's config, storage, socket and logs ------------------
+mkdir -p "$CACHE"
+WORK=$(mktemp -d /tmp/digitserve-e2e.XXXXXX)   # short: the socket path must fit 108 bytes
+mkdir -p "$WORK/logs" "$WORK/digits" "$WORK/responses"
+cat > "$WORK/containers.conf" <<EOF
+[containers]
+default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
+[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+events_logfile_path = "$WORK/events.log"
+tmp_dir = "$WORK/libpod"
+[network]
+network_config_dir = "$WORK/networks"
+EOF
+cat > "$WORK/storage.conf" <<EOF
+[storage]
+driver = "overlay"
+graphroot = "$WORK/storage"
+runroot = "$WORK/run"
+EOF
+export CONTAINERS_CONF=$WORK/containers.conf CONTAINERS_STORAGE_CONF=$WORK/storage.conf
+export DIGITSERVE_E2E_CACHE=$CACHE
+SOCK=$WORK/podman.sock
+# podman's lock segment is shared by every rootful podman here: remove it only if
+# this run made it.
+SHM_LOCK_PREEXISTED=
+[[ -e /dev/shm/libpod_lock ]] && SHM_LOCK_PREEXISTED=1
+PODMAN_PID=
+COMPOSE_UP=
+export DOCKER_HOST=unix://$SOCK
+export COMPOSE_PROJECT_NAME=digitserve-e2e-$$
+export COMPOSE_FILE=$ROOT/docker-compose.yml
+export COMPOSE_HTTP_TIMEOUT=120
+export DIGITSERVE_IMAGE=$SERVE_TAG DIGITSERVE_TRAIN_IMAGE=$TRAIN_TAG BASE_IMAGE=$BASE_TAG
+export DIGITSERVE_PUBLISH_ADDR=127.0.0.1
+
+cleanup() {
+    local rc=$?
+    exec 1>&3 2>&4
+    trap - EXIT INT TERM
+    set +e
+    if ((rc != 0)) && [[ -n $COMPOSE_UP ]]; then
+        log "logs of the stack (last 60 lines):"
+        bounded 30 podman logs --tail 60 "${WEB_ID:-none}" 2>&1 | sed 's/^/    /'
+    fi
+    log "cleaning up"
+    if [[ -n $COMPOSE_UP && -S $SOCK ]] && kill -0 "$PODMAN_PID" 2>/dev/null; then
+        bounded 90 docker-compose --profile train down -v --remove-orphans -t 10 \
+            > "$WORK/logs/down.log" 2>&1 || log "compose down failed; removing with podman"
+    fi
+    if [[ -n $PODMAN_PID ]]; then
+        kill "$PODMAN_PID" 2>/dev/null
+        for _ in $(seq 20); do kill -0 "$PODMAN_PID" 2>/dev/null || break; sleep 0.5; done
+        kill -9 "$PODMAN_PID" 2>/dev/null
+        wait "$PODMAN_PID" 2>/dev/null
+    fi
+    if [[ -n ${DIGITSERVE_E2E_KEEP_IMAGES:-} ]]; then
+        bounded 60 podman rm -a -f -t 3 >/dev/null 2>&1
+        bounded 60 podman volume rm -a -f >/dev/null 2>&1
+        log "kept the images in $WORK (CONTAINERS_CONF=$WORK/containers.conf" \
+            "CONTAINERS_STORAGE_CONF=$WORK/storage.conf podman images)"
+    else
+        bounded 60 podman rm -a -f -t 3 >/dev/null 2>&1
+        bounded 60 podman volume rm -a -f >/dev/null 2>&1
+        bounded 60 podman network prune -f >/dev/null 2>&1
+        bounded 120 podman system reset -f >/dev/null 2>&1
+        # Whatever is still mounted under the work folder (storage), innermost first.
+        awk -v w="$WORK" 'index($5, w) == 1 {print $5}' /proc/self/mountinfo | sort -r \
+            | while read -r m; do umount -l "$m"; done
+        rm -rf "$WORK"
+        [[ -n $SHM_LOCK_PREEXISTED ]] || rm -f /dev/shm/libpod_lock
+    fi
+    if ((rc == 0)); then
+        log "PASSED in $((SECONDS - STARTED)) s"
+    else
+        log "FAILED (exit $rc) after $((SECONDS - STARTED)) s"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exec 1>&3 2>&4; log "interrupted (or the overall ${TOTAL_TIMEOUT}s bound was reached)"; exit 124' INT TERM
+
+# ---- 2. the base image -------------------------------------------------------------
+[[ -f $ROOT/model_store/mnist/1/manifest.json ]] \
+    || die "model_store/mnist/1 (the shipped model) is missing: the serving image needs it"
+log "base image $BASE_TAG (rootfs cache: $CACHE)"
+bounded 1200 "$ROOT/scripts/make-base-image.sh" "$BASE_TAG" > "$WORK/logs/base.log" 2>&1 \
+    || { tail -n 40 "$WORK/logs/base.log"; die "could not make the base image"; }
+grep '^\[make-base-image\]' "$WORK/logs/base.log" | sed 's/^/    /'
+
+# ---- 3. the images -----------------------------------------------------------------
+# Built with podman (compose builds would not share its layer cache), tagged with the
+# names compose is told to use; docker format keeps HEALTHCHECK.
+build() {
+    local target=$1 tag=$2 t0=$SECONDS
+    bounded 1200 podman build --format docker --build-arg "BASE_IMAGE=$BASE_TAG" \
+        --target "$target" -t "$tag" "$ROOT" > "$WORK/logs/build-$target.log" 2>&1 \
+        || { tail -n 40 "$WORK/logs/build-$target.log"; die "building target $target failed"; }
+    log "built $tag (target $target) in $((SECONDS - t0)) s:" \
+        "$(podman image inspect --format '{{.Size}}' "$tag" | awk '{printf "%.0f MB", $1/1e6}')"
+}
+log "building the images"
+build serve "$SERVE_TAG"
+build train "$TRAIN_TAG"
+podman run --rm --network none --no-healthcheck --entrypoint sh "$SERVE_TAG" -c \
+    'id -u | grep -qvx 0 && ! python -c "import tqdm" 2>/dev/null && ! test -e training' \
+    || die "the serving image runs as root or holds training code/dependencies"
+
+# ---- 4. the stack ------------------------------------------------------------------
+podman system service --time=0 "unix://$SOCK" > "$WORK/logs/podman-service.log" 2>&1 &
+PODMAN_PID=$!
+for _ in $(seq 60); do
+    curl -sf -m 2 --unix-socket "$SOCK" http://d/_ping >/dev/null 2>&1 && break
+    kill -0 "$PODMAN_PID" 2>/dev/null || die "podman system service exited"
+    sleep 0.5
+done
+curl -sf -m 2 --unix-socket "$SOCK" http://d/_ping >/dev/null || die "podman API did not start"
+
+PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+export DIGITSERVE_PUBLISH_PORT=$PORT
+URL=http://127.0.0.1:$PORT
+HAVE_MNIST=
+if [[ -f $MNIST/train-images-idx3-ubyte.gz || -f $MNIST/train-images-idx3-ubyte ]]; then
+    HAVE_MNIST=1
+    MNIST=$(cd "$MNIST" && pwd)
+    export DIGITSERVE_MNIST_DATA=$MNIST
+fi
+
+bounded 60 docker-compose --profile train config -q || die "docker-compose config failed"
+log "docker-compose up -d (web on $URL)"
+COMPOSE_UP=1
+bounded 300 docker-compose up -d --no-build > "$WORK/logs/up.log" 2>&1 \
+    || { cat "$WORK/logs/up.log"; die "docker-compose up failed"; }
+WEB_ID=$(bounded 30 docker-compose ps -q web)
+[[ -n $WEB_ID ]] || die "no web container"
+
+wait_healthy() {  # podman runs no healthchecks by itself here: run them by hand
+    local deadline=$((SECONDS + $1))
+    while ((SECONDS < deadline)); do
+        [[ $(podman inspect --format '{{.State.Running}}' "$WEB_ID") == true ]] \
+            || die "web stopped: $(podman inspect --format '{{.State.Status}} exit {{.State.ExitCode}}' "$WEB_ID")"
+        if bounded 15 podman healthcheck run "$WEB_ID" >/dev/null 2>&1; then
+            return 0
+        fi
+        sleep 2
+    done
+    die "web not healthy after $1 s"
+}
+wait_healthy 180
+log "web is healthy: $(curl -sf -m 5 "$URL/ready")"
+curl -sf -m 5 "$URL/health" >/dev/null || die "/health failed"
+started_at=$(podman inspect --format '{{.State.StartedAt}} restarts={{.RestartCount}}' "$WEB_ID")
+
+# json FILE EXPR: evaluate a Python expression on the parsed JSON document `d`.
+json() { python3 -c 'import json, sys; d = json.load(open(sys.argv[1])); print(eval(sys.argv[2]))' "$@"; }
+
+metadata_version() {
+    bounded 10 curl -sf -m 5 "$URL/metadata" -o "$WORK/responses/metadata.json" || return 1
+    json "$WORK/responses/metadata.json" 'd["version"]'
+}
+
+# Real digits: PNGs cut from the MNIST test set inside the serving image (Pillow
+# and numpy are there), spread over the whole set.
+DIGIT_SRC=$MNIST
+[[ -f $DIGIT_SRC/t10k-images-idx3-ubyte.gz || -f $DIGIT_SRC/t10k-images-idx3-ubyte ]] \
+    || DIGIT_SRC=$ROOT/tests/data/mnist-sample
+log "cutting $N_DIGITS test digits from $DIGIT_SRC"
+bounded 120 podman run --rm --network none --no-healthcheck --user 0 --entrypoint python \
+    -v "$DIGIT_SRC:/mnist:ro" -v "$WORK/digits:/out" "$SERVE_TAG" -c '
+import gzip, os, sys
+import numpy as np
+from PIL import Image
+def read(stem):
+    for p in ("/mnist/" + stem, "/mnist/" + stem + ".gz"):
+        if os.path.exists(p):
+            raw = open(p, "rb").read()
+            return gzip.decompress(raw) if p.endswith(".gz") else raw
+    sys.exit("no " + stem)
+images = np.frombuffer(read("t10k-images-idx3-ubyte"), np.uint8, offset=16).reshape(-1, 28, 28)
+labels = np.frombuffer(read("t10k-labels-idx1-ubyte"), np.uint8, offset=8)
+n = int(sys.argv[1])
+for k, i in enumerate(np.linspace(0, len(labels) - 1, n).astype(int)):
+    Image.fromarray(images[i]).save(f"/out/{k:03d}-label{labels[i]}.png")
+' "$N_DIGITS" || die "could not cut the test digits"
+
+# post_digits VERSION MIN_ACCURACY: each PNG to /predict as multipart field "image".
+post_digits() {
+    local want_version=$1 min=$2 right=0 total=0 f label got version
+    for f in "$WORK"/digits/*.png; do
+        label=${f##*-label}; label=${label%.png}
+        bounded 30 curl -sS -m 20 --fail-with-body -F "image=@$f;type=image/png" \
+            "$URL/predict" -o "$WORK/responses/predict.json" \
+            || die "POST /predict failed: $(cat "$WORK/responses/predict.json" 2>/dev/null)"
+        got=$(json "$WORK/responses/predict.json" 'd["digit"]')
+        version=$(json "$WORK/responses/predict.json" 'd["model"]["version"]')
+        [[ $version == "$want_version" ]] || die "/predict answered with v$version, expected v$want_version"
+        total=$((total + 1))
+        [[ $got == "$label" ]] && right=$((right + 1))
+    done
+    log "v$want_version: $right of $total test digits right"
+    python3 -c "import sys; sys.exit(not $right / $total >= $min)" \
+        || die "v$want_version got $right of $total right; at least $min expected"
+}
+
+v1=$(metadata_version) || die "/metadata failed"
+post_digits "$v1" "$MIN_ACCURACY"
+
+# ---- 5. retraining and hot swap ------------------------------------------------------
+if [[ -z $HAVE_MNIST ]]; then
+    log "SKIPPED the retraining part: no MNIST in $MNIST (set DIGITSERVE_E2E_MNIST)"
+else
+    want=$((v1 + 1))
+    log "retraining: docker-compose --profile train run --rm trainer $TRAIN_ARGS"
+    t0=$SECONDS
+    # shellcheck disable=SC2086  # TRAIN_ARGS is a list of arguments
+    bounded 900 docker-compose --profile train run --rm -T trainer $TRAIN_ARGS --no-progress \
+        > "$WORK/logs/train.log" 2>&1 < /dev/null \
+        || { tail -n 30 "$WORK/logs/train.log"; die "the trainer failed"; }
+    log "trainer done in $((SECONDS - t0)) s: $(grep -h '^published' "$WORK/logs/train.log" || true)"
+    grep -q "^published mnist v$want " "$WORK/logs/train.log" \
+        || { tail -n 10 "$WORK/logs/train.log"; die "the trainer did not publish v$want"; }
+    # Each worker swaps on its own poll: wait for 8 answers in a row from the new version.
+    deadline=$((SECONDS + 90)) streak=0
+    while ((streak < 8)); do
+        ((SECONDS < deadline)) || die "web still serves v$(metadata_version || echo '?') 90 s after v$want was published"
+        if [[ $(metadata_version || true) == "$want" ]]; then streak=$((streak + 1)); else streak=0; sleep 1; fi
+    done
+    log "web serves v$want (hot swap)"
+    post_digits "$want" 0
+    [[ $(podman inspect --format '{{.State.StartedAt}} restarts={{.RestartCount}}' "$WEB_ID") == "$started_at" ]] \
+        || die "web was restarted (expected a hot swap)"
+    [[ $(bounded 30 docker-compose ps -q web) == "$WEB_ID" ]] || die "web was recreated"
+    wait_healthy 30
+fi
+
+# ---- graceful stop -------------------------------------------------------------------
+t0=$SECONDS
+bounded 90 docker-compose stop -t 45 web > "$WORK/logs/stop.log" 2>&1 || die "docker-compose stop failed"
+exit_code=$(podman inspect --format '{{.State.ExitCode}}' "$WEB_ID")
+podman logs "$WEB_ID" 2>&1 | grep -q 'Shutting down: Master' \
+    || die "gunicorn did not shut down gracefully (exit $exit_code)"
+((exit_code == 0)) || die "web exited with $exit_code on SIGTERM"
+log "web stopped gracefully on SIGTERM in $((SECONDS - t0)) s"
+
+bounded 120 docker-compose --profile train down -v -t 10 > "$WORK/logs/down.log" 2>&1 \
+    || { cat "$WORK/logs/down.log"; die "docker-compose down failed"; }
+COMPOSE_UP=
