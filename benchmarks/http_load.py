@@ -1,6 +1,6 @@
 """Load a running server on 127.0.0.1 and print throughput and latency.
 
-    python benchmarks/http_load.py --url http://127.0.0.1:8000 --seconds 20 --concurrency 16
+    python -m benchmarks.http_load --url http://127.0.0.1:8000 --seconds 20 --concurrency 16
 
 Each request posts one real MNIST test digit as PNG (the way a user uploads),
 from ``--concurrency`` threads, for a bounded time and count. Prints requests/s,

@@ -1,6 +1,6 @@
 """Print the shipped (or any) model's figures: accuracy, training time, export check.
 
-    python benchmarks/model_figures.py [NAME[:VERSION]] [--store model_store]
+    python -m benchmarks.model_figures [NAME[:VERSION]] [--store model_store]
 
 Re-evaluates the exported files exactly as the service loads them and prints
 them beside what the manifest recorded at training time.

@@ -1,6 +1,6 @@
 """How the served pipeline does on uploads that are not MNIST files.
 
-    python benchmarks/realworld_accuracy.py [--n 1000] [--store model_store]
+    python -m benchmarks.realworld_accuracy [--n 1000] [--store model_store]
 
 Takes MNIST test digits, renders each as a user would upload it (a phone photo
 of the digit written on paper, a browser-canvas PNG export with a transparent
