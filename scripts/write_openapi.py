@@ -38,8 +38,13 @@ IMAGE_BODY = {
         "multipart/form-data": {
             "schema": {
                 "type": "object",
+                "required": ["image"],
                 "properties": {
-                    "image": {"type": "array", "items": {"type": "string", "format": "binary"}}
+                    "image": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {"type": "string", "format": "binary"},
+                    }
                 },
                 "description": "One or more image files (any field name; 'image' by convention).",
             }
@@ -84,11 +89,10 @@ def predict_op(summary: str, params: list, op_id: str) -> dict:
 def get_op(
     summary: str, op_id: str, schema: dict, params: list | None = None, extra: dict | None = None
 ) -> dict:
-    op = {
-        "summary": summary,
-        "operationId": op_id,
-        "responses": {"200": json_response(summary, schema), **(extra or {})},
-    }
+    responses = {"200": json_response(summary, schema)}
+    if params:  # a malformed parameter, an unknown model or version
+        responses |= {"400": ERR["400"], "404": ERR["404"]}
+    op = {"summary": summary, "operationId": op_id, "responses": responses | (extra or {})}
     if params:
         op["parameters"] = params
     return {"get": op}
@@ -120,18 +124,10 @@ DOC = {
         ),
         "/models": get_op("Models and their versions", "listModels", OBJ),
         "/models/{name}": get_op(
-            "The serving version of a model",
-            "getModel",
-            ref("ModelDescription"),
-            [NAME],
-            {"404": {"$ref": "#/components/responses/NotFound"}},
+            "The serving version of a model", "getModel", ref("ModelDescription"), [NAME]
         ),
         "/models/{name}/versions/{version}": get_op(
-            "One version's manifest",
-            "getModelVersion",
-            ref("ModelDescription"),
-            [NAME, VERSION],
-            {"404": {"$ref": "#/components/responses/NotFound"}},
+            "One version's manifest", "getModelVersion", ref("ModelDescription"), [NAME, VERSION]
         ),
         "/health": get_op(
             "Liveness (the worker and its inference thread)",
@@ -305,9 +301,26 @@ DOC = {
                             "required": ["name", "shape", "datatype", "data"],
                             "properties": {
                                 "name": {"type": "string"},
-                                "shape": {"type": "array", "items": {"type": "integer"}},
+                                "shape": {
+                                    "type": "array",
+                                    "description": "[N, 1, 28, 28]",
+                                    "prefixItems": [
+                                        {"type": "integer", "minimum": 1},
+                                        {"const": 1},
+                                        {"const": 28},
+                                        {"const": 28},
+                                    ],
+                                    "minItems": 4,
+                                    "items": False,
+                                },
                                 "datatype": {"const": "FP32"},
-                                "data": {"type": "array"},
+                                "data": {
+                                    "type": "array",
+                                    "minItems": 1,
+                                    "items": {"type": ["number", "array"]},
+                                    "description": "N*784 finite numbers in row-major "
+                                    "order, flat or nested as the shape",
+                                },
                             },
                         },
                     },
