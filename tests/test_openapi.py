@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -64,3 +68,38 @@ def test_responses_match_their_schemas(client, sample_test):
 def test_served_document_is_the_file(client):
     served = client.get("/openapi.json").get_json()
     assert served == json.loads(json.dumps(openapi_document()))
+
+
+def test_generated_requests_get_documented_answers_and_never_a_5xx(shipped_server, tmp_path):
+    """schemathesis generates requests from the document, valid and not, against a real
+    gunicorn: every answer must be a documented status with a schema-conforming body,
+    and none a server error. Seeded, so a failure reproduces."""
+    cli = Path(sys.executable).with_name("schemathesis")
+    run = subprocess.run(
+        [
+            str(cli),
+            "run",
+            f"{shipped_server.url}/openapi.json",
+            "--url",
+            shipped_server.url,
+            "--checks",
+            "not_a_server_error,status_code_conformance,content_type_conformance,"
+            "response_schema_conformance",
+            "--max-examples",
+            "15",
+            "--seed",
+            "20260101",
+            "--request-timeout",
+            "30",
+            "-H",
+            "Authorization: Bearer s3cret",
+            "--no-color",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,  # its reports folder
+        env={**os.environ, "SCHEMATHESIS_HOOKS": ""},
+    )
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    assert re.search(r"\d+ generated", run.stdout), run.stdout[-2000:]
