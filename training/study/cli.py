@@ -28,7 +28,7 @@ from pathlib import Path
 from training.data import REPO_ROOT, DataError
 from training.study import jobs, plots, report
 from training.study.config import EXPERIMENTS, StudyConfig, preset
-from training.study.runner import StudyData, load_data, mx, np
+from training.study.runner import SAMPLE_DIR, StudyData, load_data, mx, np
 from training.study.stats import log
 
 SCHEMA = 1
@@ -50,7 +50,7 @@ def _cpu_model() -> str:
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
+            ["git", "describe", "--always", "--dirty", "--abbrev=7"],
             cwd=REPO_ROOT,
             capture_output=True,
             text=True,
@@ -177,10 +177,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--jobs",
         type=int,
-        default=1,
+        default=min(2, os.cpu_count() or 1),
         help="worker processes (experiments and experiment 2's nets run in parallel)",
     )
-    p.add_argument("--data-dir", default=None, help="MNIST IDX folder (else $MNIST_DIR, ...)")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="MNIST IDX folder (else $MNIST_DIR, ...; quick/smoke: the committed sample)",
+    )
     p.add_argument("--out", type=Path, default=Path("study-out"), help="output folder")
     p.add_argument(
         "--publish", action="store_true", help="also write docs/bn-study.md and docs/img/bn-study/"
@@ -205,8 +209,10 @@ def main(argv: list[str] | None = None) -> int:
         write_json(results, args.out / "results.json")
     else:
         cfg = build_config(args)
+        # The smoke sizes need ~1,000 images: the committed sample, unless told otherwise.
+        smoke = cfg.preset in ("quick", "smoke") and args.data_dir is None
         data_args = {
-            "data_dir": args.data_dir,
+            "data_dir": SAMPLE_DIR if smoke else args.data_dir,
             "limit_train": cfg.limit_train,
             "limit_test": cfg.limit_test,
         }

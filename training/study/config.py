@@ -43,7 +43,7 @@ class LRConfig:
     """Experiment 2: the project's nets, BN on/off, across learning rates."""
 
     sweeps: tuple[ArchSweep, ...] = (
-        ArchSweep("mlp", (0.01, 0.03, 0.1, 0.3, 1.0), steps=4000),
+        ArchSweep("mlp", (0.01, 0.03, 0.1, 0.3, 1.0), steps=10_000),
         ArchSweep("cnn", (0.01, 0.03, 0.1, 1.0), steps=400, eval_images=2000, checkpoints=(12, 8)),
     )
     thresholds: tuple[float, ...] = (0.97, 0.98)
@@ -55,7 +55,7 @@ class LRConfig:
 class DropoutConfig:
     """Experiment 3: BatchNorm on/off x Dropout on/off on the project's MLP."""
 
-    steps: int = 3750  # 8 epochs of 60,000 images at batch 128
+    steps: int = 9375  # 20 epochs of 60,000 images at batch 128
     batch_size: int = 128
     lr: float = 0.1
     momentum: float = 0.9

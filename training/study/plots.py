@@ -206,9 +206,11 @@ def lr_sweep(exp: dict, thresholds: list[str]) -> Figure:
             _lr_marks(ax, s["cells"], exp["runs"], arch, steps, s["steps"], True)
             ax.set(title=f"{arch.upper()}: steps to {float(t):.0%} test accuracy", ylabel="steps")
         ax = axes[-1, j]
-        _lr_marks(
-            ax, s["cells"], exp["runs"], arch, lambda r: r.get("final_test_accuracy"), 0.1, False
-        )
+
+        def final(r):  # a diverged run (stopped early or not) is an x, as in the table
+            return None if r["diverged"] else r.get("final_test_accuracy")
+
+        _lr_marks(ax, s["cells"], exp["runs"], arch, final, 0.1, False)
         ax.set(
             title=f"{arch.upper()}: test accuracy after {s['steps']} steps",
             xlabel="learning rate (SGD, momentum)",

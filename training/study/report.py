@@ -108,8 +108,8 @@ def paper_section(results: dict, rel: str, names: list[str]) -> list[str]:
     out = [
         "## Experiment 1: the BN paper's Figure 1",
         "",
-        "**Setup** (paper, section 4.1): MNIST, 3 fully connected hidden layers of "
-        f"{', '.join(map(str, c['hidden']))} sigmoid units, weights from a Gaussian "
+        f"**Setup** (paper, section 4.1): MNIST, {len(c['hidden'])} fully connected hidden "
+        f"layers of {', '.join(map(str, c['hidden']))} sigmoid units, weights from a Gaussian "
         f"N(0, {c['init_sigma']:g}²) and zero biases, softmax cross-entropy, mini-batches of "
         f"{c['batch_size']}, {c['steps']:,} steps, without and with BatchNorm before each "
         f"hidden sigmoid (`build_net('mlp', batch_norm=..., dropout=0, hidden=..., "
@@ -157,8 +157,8 @@ def paper_section(results: dict, rel: str, names: list[str]) -> list[str]:
         "mean 15-85 spread, and the largest over the smallest 15-85 spread; over the whole run "
         "for the plotted sigmoid, and from step "
         f"{d0.get('from_step', 0):,} on (after the first {c['drift_from']:.0%} of training) also "
-        "for all 100 sigmoids of the layer (their median), to check that the plotted one is "
-        "typical.",
+        f"for all {c['hidden'][-1]} sigmoids of the layer (their median), to check that the "
+        "plotted one is typical.",
         "",
         *_img(rel, "paper_sigmoid_input.png", "Sigmoid input percentiles", names),
         "| | without BN | with BN |",
@@ -171,9 +171,10 @@ def paper_section(results: dict, rel: str, names: list[str]) -> list[str]:
         f"{_f(s['bn']['unit_whole']['width_ratio'])} |",
         f"| from step {d0.get('from_step', 0):,}, plotted sigmoid: median's movement | "
         f"{_f(s['plain']['median_shift_unit'])} | {_f(s['bn']['median_shift_unit'])} |",
-        f"| from step {d0.get('from_step', 0):,}, 100 sigmoids: median's movement | "
+        f"| from step {d0.get('from_step', 0):,}, {c['hidden'][-1]} sigmoids: median's movement | "
         f"{_f(s['plain']['median_shift'])} | {_f(s['bn']['median_shift'])} |",
-        f"| from step {d0.get('from_step', 0):,}, 100 sigmoids: largest / smallest spread | "
+        f"| from step {d0.get('from_step', 0):,}, {c['hidden'][-1]} sigmoids: largest / smallest "
+        "spread | "
         f"{_f(s['plain']['width_ratio'])} | {_f(s['bn']['width_ratio'])} |",
         f"| training speed, steps/s | {_f(s['plain']['steps_per_second'], 0)} | "
         f"{_f(s['bn']['steps_per_second'], 0)} |",

@@ -137,9 +137,10 @@ def claim_shift(results: dict) -> tuple[str, str]:
         else "does not hold"
     )
     start = exp["runs"][0]["drift"]["from_step"]
+    units = results["config"]["paper"]["hidden"][-1]
     return verdict, (
         f"over the whole run, for the tracked sigmoid: {early_text}; from step {start:,} on, "
-        f"for all 100 sigmoids of the layer (median): {late_text} (means over seeds)"
+        f"for all {units} sigmoids of the layer (median): {late_text} (means over seeds)"
     )
 
 
@@ -163,7 +164,7 @@ def claim_dropout(results: dict) -> tuple[str, str]:
     bn_gap, dr_gap = e["bn_alone"]["gap"], e["dropout_alone"]["gap"]
     on_top = e["dropout_on_top_of_bn"]
     regularizes = bn_gap < 0
-    little = abs(bn_gap) < abs(dr_gap)
+    little = regularizes and abs(bn_gap) < abs(dr_gap)  # "a little" only if at all
     together = on_top["gap"] < 0 and on_top["test_accuracy"] >= 0
     checks = [regularizes, little, together]
     verdict = "holds" if all(checks) else "partly" if any(checks) else "does not hold"
