@@ -18,10 +18,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from service import model as serving
+from service.config import Config
 from service.store import ModelStore, StoreError
 from training.data import DataError, Split, load_split, to_input
 
-DEFAULT_STORE = os.environ.get("DIGITSERVE_STORE", "model_store")
+# The service's store unless told otherwise: $DIGITSERVE_STORE, else the repo's model_store/.
+DEFAULT_STORE = os.environ.get("DIGITSERVE_STORE") or Config.STORE
 
 
 @dataclass

@@ -31,10 +31,9 @@ with warnings.catch_warnings():
 
 from service.store import ModelStore, ModelVersion, StoreError
 from training.data import DataError, Split, batches, load_split, pixel_stats, to_input
-from training.evaluate import evaluate
+from training.evaluate import DEFAULT_STORE, evaluate
 from training.model import ARCHS, build_net
 
-DEFAULT_STORE = os.environ.get("DIGITSERVE_STORE", "model_store")
 INPUT_NAME = "data"
 EXPORT_TOLERANCE = 1e-5
 
