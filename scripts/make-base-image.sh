@@ -54,7 +54,7 @@ make_rootfs() {
     trap "rm -rf '$root' '$tmp'" EXIT
     log "debootstrap $SUITE ($PACKAGES) from $MIRROR (takes a minute or two)"
 # --- rootfs ---
-    timeout 900 debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$root" "$MIRROR" \
+    timeout --foreground 900 debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$root" "$MIRROR" \
         > "$root.log" 2>&1 || { tail -n 30 "$root.log" >&2; rm -f "$root.log"; return 1; }
     rm -f "$root.log"
     cat > "$root/etc/apt/sources.list" <<EOF
@@ -82,7 +82,7 @@ else
 fi
 
 log "importing as $TAG"
-timeout 300 podman import --quiet \
+timeout --foreground 300 podman import --quiet \
     --change 'ENV LANG=C.UTF-8' --change 'CMD ["python3"]' \
     "$TARBALL" "$TAG-rootfs" >/dev/null
 
@@ -105,7 +105,7 @@ COPY host-ca.pem /usr/local/share/digitserve-host/ca.pem
 COPY pip.conf /etc/pip.conf
 COPY apt.conf /etc/apt/apt.conf.d/99digitserve-host
 EOF
-timeout 300 podman build --quiet --network none -t "$TAG" -f "$ctx/Containerfile" "$ctx" >/dev/null
+timeout --foreground 300 podman build --quiet --network none -t "$TAG" -f "$ctx/Containerfile" "$ctx" >/dev/null
 podman rmi "$TAG-rootfs" >/dev/null 2>&1 || true
 log "ready: $TAG"
 echo "$TAG"
