@@ -5,12 +5,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-all lint train evaluate study e2e clean python-check
+.PHONY: run test test-all lint train evaluate study notebook e2e clean python-check
 
 python-check:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)' 2>/dev/null || { \
 	  echo "digitserve needs Python 3.11 (found: $$($(PYTHON) --version 2>&1 || echo none))."; \
 	  echo "Install python3.11 and run again, or: make PYTHON=/path/to/python3.11 ..."; exit 2; }
+	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || { \
+	  echo "$(PYTHON) cannot make virtualenvs: on Debian/Ubuntu, apt-get install python3-venv"; exit 2; }
 
 $(STAMP)-serve: pyproject.toml | python-check
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +52,11 @@ evaluate: $(STAMP)-dev
 
 study: $(STAMP)-dev
 	$(PY) -m training.study $(ARGS)
+
+## Open the BatchNorm notebook in JupyterLab (installs the [notebook] extra).
+notebook: $(STAMP)-dev
+	$(PY) -m pip install --quiet -e '.[notebook]'
+	$(VENV)/bin/jupyter lab notebooks/batch_normalization.ipynb
 
 ## Build and run the containers for real (podman + docker-compose), then clean up.
 e2e:
