@@ -14,7 +14,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from service import errors, handler, metrics
 from service.config import Config
 from service.inference import InferenceEngine
-from service.store import ModelVersion
+from service.store import ModelVersion, is_version
 
 bp = Blueprint("api", __name__)
 
@@ -30,7 +30,7 @@ def config() -> Config:
 def parse_version(raw: str | None) -> int | None:
     if raw is None or raw == "":
         return None
-    if not raw.isdigit() or int(raw) < 1:
+    if not is_version(raw):  # ASCII digits only: str.isdigit() also takes '²' and '١'
         raise errors.BadRequest(
             f"version must be a positive integer, not {raw!r}", code="bad_version"
         )

@@ -32,6 +32,13 @@ MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _VERSION_RE = re.compile(r"^[1-9][0-9]{0,8}$")
+_HIGH_WATER = ".last_version"  # the highest version ever published, so none is reused
+
+
+def is_version(text: str) -> bool:
+    """A version as written in a path or a query: 1 to 999,999,999, ASCII digits."""
+    return bool(_VERSION_RE.fullmatch(text))
+
 
 # Manifest fields the service relies on, with their types. Training adds more
 # (hyperparameters, history, command, ...); unknown keys are kept as they are.
@@ -172,7 +179,7 @@ class ModelStore:
     def get(self, name: str, version: int) -> ModelVersion:
         path = self.root / validate_name(name) / str(version)
         manifest_path = path / MANIFEST
-        if not manifest_path.is_file():
+        if not is_version(str(version)) or not manifest_path.is_file():
             raise ModelNotFound(f"model {name!r} has no version {version}")
         try:
             data = json.loads(manifest_path.read_text(encoding="utf-8"))
@@ -218,9 +225,7 @@ class ModelStore:
         (or the process dies) no version appears; a stale temp folder is harmless
         and removed by ``clean_stale_temp``.
         """
-        validate_name(name)
-        folder = self.root / name
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = self.check_writable(name)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder))
         try:
             files = write_artifacts(tmp)
@@ -229,7 +234,7 @@ class ModelStore:
                 for role, fname in files.items()
             }
             with self._lock(name):
-                version = max(self.versions(name), default=0) + 1
+                version = self._next_version(folder)
                 full = {
                     **manifest,
                     "schema_version": SCHEMA_VERSION,
@@ -243,10 +248,34 @@ class ModelStore:
                 os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; readers may be another user
                 os.rename(tmp, folder / str(version))
                 _fsync_dir(folder)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, OSError):
+                raise StoreError(f"could not publish {name!r} in {folder}: {exc}") from exc
             raise
         return self.get(name, version)
+
+    def check_writable(self, name: str) -> Path:
+        """The model's folder, made if needed; StoreError if a version could not be
+        published there (a bad name, a read-only or missing store)."""
+        folder = self.root / validate_name(name)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as exc:
+            raise StoreError(f"cannot publish into {folder}: {exc}") from exc
+        return folder
+
+    @staticmethod
+    def _next_version(folder: Path) -> int:
+        """One above every version folder (complete or not) and every version ever
+        published (the high-water mark), so a deleted version's number is never reused."""
+        taken = [int(p.name) for p in folder.iterdir() if _VERSION_RE.match(p.name)]
+        with contextlib.suppress(OSError, ValueError):
+            taken.append(int((folder / _HIGH_WATER).read_text().strip()))
+        version = max(taken, default=0) + 1
+        (folder / _HIGH_WATER).write_text(f"{version}\n")
+        return version
 
     def clean_stale_temp(self, name: str) -> None:
         for p in (self.root / validate_name(name)).glob(".tmp-*"):

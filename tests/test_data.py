@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -117,3 +119,27 @@ def test_batches_cover_the_split_once(sample_test):
         assert x.dtype == np.float32 and x.shape[1:] == (1, 28, 28)
         seen.append(y)
     assert sorted(np.concatenate(seen)) == sorted(sample_test.labels)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--name", "Bad Name"], "invalid model name"),
+        (["--dropout", "1.5"], "--dropout must be"),
+        (["--store", "/proc/no-store-here"], "cannot publish into"),
+    ],
+)
+def test_training_cli_refuses_bad_arguments_before_training(tmp_path, args, message):
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.train", "--epochs", "1", "--no-progress", *args],
+        cwd=ROOT,
+        env={**os.environ, "MNIST_DIR": str(SAMPLE_DIR), "DIGITSERVE_STORE": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert "epoch" not in proc.stdout  # refused before any training
+    assert time.monotonic() - started < 60

@@ -210,6 +210,20 @@ def test_routing_errors_share_the_shape(shipped_server):
         "version_not_found",
     )
     assert_error(requests.get(f"{url}/models/mnist/versions/999"), 404, "version_not_found")
+    # Unicode digits, numbers too long for a file name or for int(): 400, never a 500.
+    for bad in ("\u00b2", "\u0661", "0", "-1", "1" * 10, "1" * 300, "9" * 5000):
+        assert_error(requests.get(f"{url}/models/mnist/versions/{bad}"), 400, "bad_version")
+        assert_error(requests.get(f"{url}/v2/models/mnist/versions/{bad}/ready"), 400)
+        assert_error(
+            requests.post(
+                f"{url}/predict",
+                params={"version": bad},
+                data=b"x",
+                headers={"Content-Type": "image/png"},
+            ),
+            400,
+            "bad_version",
+        )
     assert_error(requests.post(f"{url}/admin/reload"), 401, "unauthorized")
     assert_error(
         requests.post(f"{url}/admin/reload", headers={"Authorization": "Bearer wrong"}), 401

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -118,6 +119,29 @@ def test_invalid_names_and_ignored_entries(tmp_path):
     (tmp_path / "m" / ".tmp-abc").mkdir()
     (tmp_path / "m" / "latest").mkdir()
     assert store.versions("m") == [1]
+
+
+def test_version_numbers_are_never_reused(tmp_path):
+    store = ModelStore(tmp_path)
+    store.publish("m", fake_artifacts(), BASE_MANIFEST)
+    v2 = store.publish("m", fake_artifacts(), BASE_MANIFEST)
+    shutil.rmtree(v2.path)  # an operator deletes the newest version
+    assert store.publish("m", fake_artifacts(), BASE_MANIFEST).version == 3
+    (tmp_path / "m" / "4").mkdir()  # a stray, incomplete version folder
+    (tmp_path / "m" / "4" / "junk").write_text("x")
+    assert store.publish("m", fake_artifacts(), BASE_MANIFEST).version == 5
+    assert store.versions("m") == [1, 3, 5]
+
+
+def test_unwritable_store_is_a_store_error(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    store = ModelStore(tmp_path / "file")
+    with pytest.raises(StoreError, match="cannot publish"):
+        store.check_writable("m")
+    with pytest.raises(StoreError):
+        store.publish("m", fake_artifacts(), BASE_MANIFEST)
+    with pytest.raises(StoreError, match="invalid model name"):
+        ModelStore(tmp_path).check_writable("Bad Name")
 
 
 def test_failed_publish_leaves_nothing(tmp_path):

@@ -279,6 +279,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainConfig]
     cfg = TrainConfig(**{k: getattr(args, k) for k in vars(d)})
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
         p.error("--epochs, --batch-size and --lr must be positive")
+    if not 0 <= cfg.dropout < 1:
+        p.error("--dropout must be at least 0 and below 1")
     return args, cfg
 
 
@@ -289,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         store = ModelStore(args.store)
+        store.check_writable(args.name)  # before minutes of training, not after
         train_split = load_split("train", args.data_dir)
         test_split = load_split("test", args.data_dir)
         result = train(cfg, train_split, test_split, progress=args.progress, log_epochs=True)
