@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from service import api, errors, metrics, v2
 from service.config import Config
@@ -56,6 +56,11 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(errors.ApiError)
     def api_error(exc: errors.ApiError) -> tuple[Response, int]:
         return jsonify(exc.to_dict()), exc.status
+
+    @app.errorhandler(RequestEntityTooLarge)  # werkzeug's own, e.g. a chunked form over the limit
+    def too_large(exc: RequestEntityTooLarge) -> tuple[Response, int]:
+        limit = app.config["MAX_CONTENT_LENGTH"]
+        return api_error(errors.PayloadTooLarge(f"request body is over the limit of {limit} bytes"))
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> tuple[Response, int]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
 from typing import Any
 
@@ -28,20 +29,48 @@ RAW_TYPES = ("image/", "application/octet-stream")
 _DATA_URL = re.compile(r"^data:[\w/+.-]+;base64,", re.IGNORECASE)
 
 
+def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, or 413 when it is over ``limit`` bytes: by its Content-Length
+    before reading anything, and by counting for a chunked body (no length)."""
+    if request.content_length is not None:
+        check_declared_length(request, limit)
+        return request.get_data(cache=False)
+    if request.environ.get("wsgi.input_terminated"):  # chunked: the server ends the stream
+        data = request.environ["wsgi.input"].read(limit + 1)
+    else:
+        data = request.get_data(cache=False)
+    if len(data) > limit:
+        raise errors.PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+    return data
+
+
+def check_declared_length(request: Request, limit: int) -> None:
+    """413 from the Content-Length alone, before a byte of the body is read."""
+    if request.content_length is not None and request.content_length > limit:
+        raise errors.PayloadTooLarge(
+            f"request body is {request.content_length} bytes; the limit is {limit}"
+        )
+
+
+def read_json(request: Request, limit: int) -> Any:
+    """The body parsed as JSON (UTF-8, -16 or -32); 413 over ``limit``, 400 if not JSON."""
+    data = read_body(request, limit)
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad encoding, deep nesting
+        raise errors.BadRequest("the body is not valid JSON", code="bad_json") from exc
+
+
 def extract_images(request: Request, config: Config) -> list[bytes]:
     """The uploaded images' bytes, from multipart, a raw image body or JSON base64."""
     mimetype = request.mimetype
-    if request.content_length is not None and request.content_length > config.MAX_CONTENT_LENGTH:
-        raise errors.PayloadTooLarge(
-            f"request body is {request.content_length} bytes; the limit is "
-            f"{config.MAX_CONTENT_LENGTH}"
-        )
+    check_declared_length(request, config.MAX_CONTENT_LENGTH)
     if mimetype == "multipart/form-data":
         files = [f for key in request.files for f in request.files.getlist(key)]
         _check_count(len(files), config)
         images = [f.read() for f in files]
     elif mimetype.startswith(RAW_TYPES):
-        images = [request.get_data(cache=False)]
+        images = [read_body(request, config.MAX_CONTENT_LENGTH)]
     elif mimetype == "application/json":
         images = _from_json(request, config)
     elif not mimetype and not request.content_length:
@@ -72,10 +101,7 @@ def _check_count(n: int, config: Config) -> None:
 
 
 def _from_json(request: Request, config: Config) -> list[bytes]:
-    try:
-        body = request.get_json(force=True, silent=False, cache=False)
-    except Exception as exc:  # werkzeug's BadRequest for bad JSON or bad encoding
-        raise errors.BadRequest("the body is not valid JSON", code="bad_json") from exc
+    body = read_json(request, config.MAX_CONTENT_LENGTH)
     if not isinstance(body, dict) or ("image" in body) == ("images" in body):
         raise errors.BadRequest(
             'send a JSON object with "image" (base64) or "images" (a list)', code="bad_json"

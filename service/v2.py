@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from flask import Blueprint, Response, jsonify, request
 
-from service import errors, metrics
+from service import errors, handler, metrics
 from service.api import check_model_name, config, engine, parse_version
 from service.preprocessing import normalize
 
@@ -118,10 +118,7 @@ def infer(name: str, version: str | None = None) -> Response:
     check_model_name(name)
     if request.mimetype != "application/json":
         raise errors.UnsupportedMediaType("the V2 infer endpoint takes application/json")
-    try:
-        body = request.get_json(force=True, cache=False)
-    except Exception as exc:
-        raise errors.BadRequest("the body is not valid JSON", code="bad_json") from exc
+    body = handler.read_json(request, config().MAX_CONTENT_LENGTH)
     pixels, _ = _tensor(body, config().MAX_IMAGES)
     mv = engine().version_for(parse_version(version))
     norm = mv.manifest["normalization"]

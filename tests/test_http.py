@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import threading
 import time
 
@@ -185,6 +186,40 @@ def test_bad_input_gets_a_clear_error_and_the_worker_survives(
     )
     assert ok.status_code == 200 and ok.json()["digit"] == 1
     assert shipped_server.worker_pids() == pids, "no worker died or restarted"
+
+
+def chunked(data: bytes, size: int = 1 << 20):
+    """A body requests sends with Transfer-Encoding: chunked (no Content-Length)."""
+    return (data[i : i + size] for i in range(0, len(data), size))
+
+
+def test_chunked_bodies_obey_the_size_limit(shipped_server, digits):
+    url, over = shipped_server.url, 11 * 1024 * 1024  # the limit is 10 MiB
+    image = png(digits[1][0])
+    body = json.dumps({"image": base64.b64encode(image).decode()}).encode()
+    r = requests.post(f"{url}/predict", data=chunked(image), headers={"Content-Type": "image/png"})
+    assert r.status_code == 200 and r.json()["digit"] == 1
+    r = requests.post(
+        f"{url}/predict", data=chunked(body), headers={"Content-Type": "application/json"}
+    )
+    assert r.status_code == 200 and r.json()["digit"] == 1
+    tensor = {"inputs": [{"name": "data", "shape": [1, 1, 28, 28], "datatype": "FP32"}]}
+    too_big = [
+        ("/predict", "image/png", image + b"\0" * over),  # a valid PNG, then padding
+        ("/predict", "application/json", body + b" " * over),
+        ("/v2/models/mnist/infer", "application/json", json.dumps(tensor).encode() + b" " * over),
+    ]
+    part = b'--b\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\n\r\n'
+    too_big.append(("/predict", "multipart/form-data; boundary=b", part + image + b"\0" * over))
+    for path, mimetype, data in too_big:
+        r = requests.post(f"{url}{path}", data=chunked(data), headers={"Content-Type": mimetype})
+        assert_error(r, 413, "payload_too_large")
+    r = requests.post(  # with a Content-Length: refused before the body is read
+        f"{url}/v2/models/mnist/infer",
+        data=b" " * over,
+        headers={"Content-Type": "application/json"},
+    )
+    assert_error(r, 413, "payload_too_large")
 
 
 def test_routing_errors_share_the_shape(shipped_server):
