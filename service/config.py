@@ -32,6 +32,9 @@ class Config:
     LOADED_VERSIONS: int = 3  # versions kept loaded per worker (pinned requests)
     # Operations.
     ADMIN_TOKEN: str | None = None  # enables POST /admin/reload with "Authorization: Bearer ..."
+    # A file every worker of one server watches: /admin/reload touches it so that all of
+    # them look at the store, not only the one that answered (gunicorn.conf.py sets it).
+    RELOAD_FILE: str | None = None
     LOG_LEVEL: str = "INFO"
 
     @classmethod

@@ -57,6 +57,14 @@ else:
     _own_metrics_dir = False
 
 
+# /admin/reload in one worker touches this file; every worker watches it.
+if not os.environ.get("DIGITSERVE_RELOAD_FILE"):
+    _reload_dir = tempfile.mkdtemp(prefix="digitserve-reload-")
+    os.environ["DIGITSERVE_RELOAD_FILE"] = os.path.join(_reload_dir, "reload")
+else:
+    _reload_dir = None
+
+
 def child_exit(server, worker):
     # Imported here: prometheus_client picks its value store at import time, and the
     # workers (forked from this process) must see PROMETHEUS_MULTIPROC_DIR set first.
@@ -68,3 +76,5 @@ def child_exit(server, worker):
 def on_exit(server):
     if _own_metrics_dir:
         shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+    if _reload_dir:
+        shutil.rmtree(_reload_dir, ignore_errors=True)

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import queue
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -152,7 +154,15 @@ class InferenceEngine:
             ) from exc
 
     def reload(self, timeout: float = 60.0) -> ModelVersion | None:
-        """Look at the store now (also retrying refused versions); the serving version."""
+        """Look at the store now (also retrying refused versions); the serving version.
+
+        The sibling workers of a gunicorn server are told through RELOAD_FILE and
+        do the same within a second."""
+        if self.config.RELOAD_FILE:
+            try:
+                Path(self.config.RELOAD_FILE).write_text(f"{time.time_ns()}\n")
+            except OSError as exc:
+                log.warning("cannot signal the other workers to reload: %s", exc)
         request = _Reload()
         self._queue.put(request)
         return request.future.result(timeout=timeout)
@@ -168,14 +178,20 @@ class InferenceEngine:
         finally:
             self._first_look_done.set()
         next_poll = time.monotonic() + self.config.POLL_SECONDS
+        reload_seen = self._reload_stamp()
         while True:
             wait = max(0.0, next_poll - time.monotonic()) if self.config.POLL_SECONDS > 0 else None
-            item = self._next(timeout=wait if self._current is not None else 1.0)
+            if self._current is None or self.config.RELOAD_FILE:
+                wait = 1.0 if wait is None else min(wait, 1.0)
+            item = self._next(timeout=wait)
             if item is None and self._stopping:
                 break
-            if isinstance(item, _Reload):
+            stamp = self._reload_stamp()
+            if isinstance(item, _Reload) or stamp != reload_seen:  # asked here or by a sibling
+                reload_seen = stamp
                 self._refused.clear()
                 self._check_store()
+            if isinstance(item, _Reload):
                 item.future.set_result(self._current)
             elif isinstance(item, _Job):
                 self._run_batch(self._collect(item))
@@ -185,6 +201,12 @@ class InferenceEngine:
                 self._check_store(initial=self._current is None)
                 next_poll = time.monotonic() + self.config.POLL_SECONDS
         log.info("inference thread stopped")
+
+    def _reload_stamp(self) -> int | None:
+        try:
+            return os.stat(self.config.RELOAD_FILE).st_mtime_ns if self.config.RELOAD_FILE else None
+        except OSError:
+            return None
 
     def _next(self, timeout: float | None) -> _Job | _Reload | None:
         if self._carry is not None:

@@ -504,3 +504,37 @@ def test_version_that_mxnet_cannot_load_is_refused(start_server, tmp_path, digit
         if v["version"] == broken
     ]
     assert refused and "refused" in refused[0]
+
+
+def test_admin_reload_swaps_every_worker(start_server, tmp_path):
+    """With polling off, one POST /admin/reload (answered by one worker) moves all of them."""
+    import shutil
+
+    store_dir = tmp_path / "store"
+    shutil.copytree(SHIPPED_STORE, store_dir, ignore=shutil.ignore_patterns(".*"))
+    store = ModelStore(store_dir)
+    first = store.resolve("mnist").version
+    server = start_server(
+        {
+            "DIGITSERVE_STORE": str(store_dir),
+            "DIGITSERVE_POLL_SECONDS": "0",
+            "DIGITSERVE_ADMIN_TOKEN": "tok",
+        }
+    )
+    url = server.url
+    second = _clone_version(store, store, "reloaded")
+    time.sleep(1.5)  # polling is off: nobody may notice by itself
+    assert {requests.get(f"{url}/metadata").json()["version"] for _ in range(10)} == {first}
+    r = requests.post(f"{url}/admin/reload", headers={"Authorization": "Bearer tok"})
+    assert r.status_code == 200 and r.json()["serving_version"] == second
+    time.sleep(2.5)  # the other worker looks within a second of the signal
+    versions = [requests.get(f"{url}/metadata").json()["version"] for _ in range(20)]
+    assert set(versions) == {second}, versions
+    # Every worker answered: both pids report the new version in the metrics.
+    served = [
+        s.value
+        for family in text_string_to_metric_families(requests.get(f"{url}/metrics").text)
+        for s in family.samples
+        if s.name == "digitserve_model_version"
+    ]
+    assert served == [second, second], served
