@@ -49,6 +49,7 @@ def classify(version: int | None) -> Response:
     started = time.perf_counter()
     images = handler.extract_images(request, cfg)
     mv = engine().version_for(version)
+    engine().check_capacity(len(images))
     batch = handler.preprocess(images, mv, cfg)
     prediction = handler.inference(engine(), batch, mv)
     body = handler.postprocess(prediction, mv.manifest["labels"])

@@ -24,6 +24,7 @@ class Config:
     MAX_CONTENT_LENGTH: int = 10 * 1024 * 1024  # request body bytes
     MAX_IMAGES: int = 64  # images in one request
     MAX_IMAGE_PIXELS: int = 40_000_000  # width x height of one image (decompression bombs)
+    MAX_REQUEST_PIXELS: int = 50_000_000  # all of a request's images together (decode time)
     # The inference thread: dynamic batching and back-pressure.
     MAX_BATCH: int = 128  # images in one forward pass
     BATCH_WAIT_MS: float = 2.0  # how long a forward waits for more requests to join it

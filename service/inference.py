@@ -129,14 +129,19 @@ class InferenceEngine:
         self._manifests[version] = mv
         return mv
 
+    def check_capacity(self, n: int) -> None:
+        """503 now if ``n`` more images would not fit in the queue: called before the
+        request's images are decoded, so an overloaded worker spends nothing on them."""
+        if self._pending_images + n > self.config.QUEUE_SIZE:
+            raise errors.ServiceUnavailable(
+                "the server is overloaded; retry shortly", code="overloaded"
+            )
+
     def submit(self, inputs: np.ndarray, version: int) -> Future:
         """Queue normalized inputs for ``version``; the Future gives a Prediction."""
         n = len(inputs)
         with self._pending_lock:
-            if self._pending_images + n > self.config.QUEUE_SIZE:
-                raise errors.ServiceUnavailable(
-                    "the server is overloaded; retry shortly", code="overloaded"
-                )
+            self.check_capacity(n)  # again: others may have queued while this one decoded
             self._pending_images += n
         metrics.QUEUE_IMAGES.inc(n)
         job = _Job(inputs, version)

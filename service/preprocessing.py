@@ -92,6 +92,12 @@ def decode_image(data: bytes, *, max_pixels: int, min_size: int | None = None) -
     sides stay >= min_size -- several times faster for phone photos (``preprocess`` passes
     WORK_SIZE, the resolution it works at anyway).
     """
+    return load_image(open_image(data, max_pixels=max_pixels), min_size=min_size)
+
+
+def open_image(data: bytes, *, max_pixels: int) -> Image.Image:
+    """Read only the header: format and size checked, no pixel data decompressed yet
+    (cheap, so a request's images can all be checked before any is decoded)."""
     if not data:
         raise InvalidImage("empty image")
     try:
@@ -114,7 +120,11 @@ def decode_image(data: bytes, *, max_pixels: int, min_size: int | None = None) -
         raise PayloadTooLarge(
             f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
         )
+    return image
 
+
+def load_image(image: Image.Image, *, min_size: int | None = None) -> Image.Image:
+    """Decompress an ``open_image`` result: loaded, upright, first frame."""
     try:
         if min_size and image.format in ("JPEG", "MPO"):
             # Grayscale straight out of libjpeg when the file is YCbCr: luma is all we use.
@@ -188,8 +198,12 @@ def normalize(digit: np.ndarray, mean: float, std: float) -> np.ndarray:
 
 def preprocess(data: bytes, *, mean: float, std: float, max_pixels: int) -> np.ndarray:
     """Uploaded bytes -> the model's float32 (1, 28, 28) input; raises ApiError subclasses."""
-    image = decode_image(data, max_pixels=max_pixels, min_size=WORK_SIZE)
-    return normalize(to_mnist(image), mean, std)
+    return preprocess_opened(open_image(data, max_pixels=max_pixels), mean=mean, std=std)
+
+
+def preprocess_opened(image: Image.Image, *, mean: float, std: float) -> np.ndarray:
+    """An ``open_image`` result -> the model's float32 (1, 28, 28) input."""
+    return normalize(to_mnist(load_image(image, min_size=WORK_SIZE)), mean, std)
 
 
 def _grayscale(image: Image.Image) -> np.ndarray:

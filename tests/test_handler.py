@@ -1,0 +1,59 @@
+"""service.handler's limits, checked before the expensive steps."""
+
+from __future__ import annotations
+
+import io
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service import errors, handler, preprocessing
+from service.config import Config
+
+
+def png(size: tuple[int, int], value: int = 0) -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", size, value).save(buf, "PNG")
+    return buf.getvalue()
+
+
+VERSION = SimpleNamespace(manifest={"normalization": {"mean": 0.13, "std": 0.31}})
+
+
+@pytest.fixture
+def decoded(monkeypatch) -> list[tuple[int, int]]:
+    """The sizes of the images whose pixels were decompressed."""
+    seen: list[tuple[int, int]] = []
+    load = preprocessing.load_image
+
+    def spy(image, **kwargs):
+        seen.append(image.size)
+        return load(image, **kwargs)
+
+    monkeypatch.setattr(preprocessing, "load_image", spy)
+    return seen
+
+
+def test_a_bomb_anywhere_in_the_request_stops_it_before_any_decoding(decoded):
+    config = Config(MAX_IMAGE_PIXELS=1_000_000)
+    images = [png((28, 28), 255)] * 3 + [png((2000, 2000))]
+    with pytest.raises(errors.PayloadTooLarge) as info:
+        handler.preprocess(images, VERSION, config)
+    assert info.value.message.startswith("image 3: image is 2000x2000")
+    assert decoded == []
+
+
+def test_the_request_total_is_limited_too(decoded):
+    config = Config(MAX_IMAGE_PIXELS=1_000_000, MAX_REQUEST_PIXELS=1_500_000)
+    images = [png((1000, 900)), png((1000, 900))]  # each under the image limit
+    with pytest.raises(errors.PayloadTooLarge, match="1800000 pixels; the limit is 1500000"):
+        handler.preprocess(images, VERSION, config)
+    assert decoded == []
+
+
+def test_images_within_the_limits_are_all_decoded(decoded):
+    batch = handler.preprocess([png((28, 28), 255), png((300, 200), 255)], VERSION, Config())
+    assert batch.shape == (2, 1, 28, 28) and batch.dtype == np.float32
+    assert decoded == [(28, 28), (300, 200)]
