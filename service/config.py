@@ -30,6 +30,7 @@ class Config:
     BATCH_WAIT_MS: float = 2.0  # how long a forward waits for more requests to join it
     QUEUE_SIZE: int = 1024  # images waiting in one worker before 503
     INFERENCE_TIMEOUT: float = 30.0  # seconds a request waits for its result before 503
+    STALL_SECONDS: float = 60.0  # a forward pass this long is a hung engine: /health fails
     LOADED_VERSIONS: int = 3  # versions kept loaded per worker (pinned requests)
     # Operations.
     ADMIN_TOKEN: str | None = None  # enables POST /admin/reload with "Authorization: Bearer ..."

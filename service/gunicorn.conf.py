@@ -9,7 +9,10 @@ threads only parse, preprocess and wait.
 
 import os
 import shutil
+import signal
 import tempfile
+import threading
+import time
 
 _cpus = os.cpu_count() or 1
 
@@ -63,6 +66,26 @@ if not os.environ.get("DIGITSERVE_RELOAD_FILE"):
     os.environ["DIGITSERVE_RELOAD_FILE"] = os.path.join(_reload_dir, "reload")
 else:
     _reload_dir = None
+
+
+def post_worker_init(worker):
+    """Watch the worker's inference thread; if it dies or hangs in a forward pass, stop
+    the worker so gunicorn starts a fresh one. gunicorn's own timeout cannot see this:
+    its heartbeat comes from the request loop, which keeps running."""
+    engine = worker.wsgi.extensions["digitserve.engine"]
+
+    def watch() -> None:
+        while worker.alive:
+            time.sleep(1.0)
+            if not engine.alive:
+                worker.log.critical(
+                    "inference thread %s: stopping this worker",
+                    "stalled in a forward pass" if engine.stalled else "died",
+                )
+                os.kill(os.getpid(), signal.SIGTERM)  # graceful: other requests finish
+                return
+
+    threading.Thread(target=watch, name="inference-watchdog", daemon=True).start()
 
 
 def child_exit(server, worker):

@@ -77,6 +77,7 @@ class InferenceEngine:
         self._first_look_done = threading.Event()  # the start-up load tried, ok or not
         self.load_error: str | None = None
         self._stopping = False
+        self._forward_since: float | None = None  # monotonic start of the forward under way
 
     # -- request-thread side ---------------------------------------------------------
     def start(self) -> InferenceEngine:
@@ -89,7 +90,14 @@ class InferenceEngine:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        """The inference thread runs and is not stuck in a forward pass (MXNet's engine
+        deadlocked here once; gunicorn's heartbeat comes from another thread)."""
+        return self._thread.is_alive() and not self.stalled
+
+    @property
+    def stalled(self) -> bool:
+        since = self._forward_since
+        return since is not None and time.monotonic() - since > self.config.STALL_SECONDS
 
     @property
     def current(self) -> ModelVersion | None:
@@ -191,20 +199,25 @@ class InferenceEngine:
             item = self._next(timeout=wait)
             if item is None and self._stopping:
                 break
-            stamp = self._reload_stamp()
-            if isinstance(item, _Reload) or stamp != reload_seen:  # asked here or by a sibling
-                reload_seen = stamp
-                self._refused.clear()
-                self._check_store()
-            if isinstance(item, _Reload):
-                item.future.set_result(self._current)
-            elif isinstance(item, _Job):
-                self._run_batch(self._collect(item))
-            if self._current is None or (
-                self.config.POLL_SECONDS > 0 and time.monotonic() >= next_poll
-            ):
-                self._check_store(initial=self._current is None)
-                next_poll = time.monotonic() + self.config.POLL_SECONDS
+            try:
+                stamp = self._reload_stamp()
+                if isinstance(item, _Reload) or stamp != reload_seen:  # here or by a sibling
+                    reload_seen = stamp
+                    self._refused.clear()
+                    self._check_store()
+                if isinstance(item, _Reload):
+                    item.future.set_result(self._current)
+                elif isinstance(item, _Job):
+                    self._run_batch(self._collect(item))
+                if self._current is None or (
+                    self.config.POLL_SECONDS > 0 and time.monotonic() >= next_poll
+                ):
+                    self._check_store(initial=self._current is None)
+                    next_poll = time.monotonic() + self.config.POLL_SECONDS
+            except Exception:  # a store hiccup must not end the worker's only inference thread
+                log.exception("inference loop error; carrying on")
+                if isinstance(item, _Reload) and not item.future.done():
+                    item.future.set_result(self._current)
         log.info("inference thread stopped")
 
     def _reload_stamp(self) -> int | None:
@@ -263,12 +276,16 @@ class InferenceEngine:
                 model = self._model(version)
                 batch = np.concatenate([j.inputs for j in group])
                 started = time.perf_counter()
-                probs = np.concatenate(
-                    [
-                        model.predict(batch[i : i + self.config.MAX_BATCH])
-                        for i in range(0, len(batch), self.config.MAX_BATCH)
-                    ]
-                )
+                self._forward_since = time.monotonic()
+                try:
+                    probs = np.concatenate(
+                        [
+                            model.predict(batch[i : i + self.config.MAX_BATCH])
+                            for i in range(0, len(batch), self.config.MAX_BATCH)
+                        ]
+                    )
+                finally:
+                    self._forward_since = None
                 metrics.FORWARD_SECONDS.observe(time.perf_counter() - started)
                 metrics.BATCH_IMAGES.observe(len(batch))
                 offset = 0

@@ -70,8 +70,27 @@ def test_concurrent_requests_share_forward_passes(make_engine, sample_test):
 def test_large_request_is_split_into_max_batch_chunks(make_engine, sample_test):
     engine = make_engine(MAX_BATCH=16)
     mv = engine.current
+    model = engine._loaded[mv.version]
+    sizes: list[int] = []
+    original = model.predict
+    model.predict = lambda batch: sizes.append(len(batch)) or original(batch)
     probs = engine.predict(inputs(sample_test, mv, 40), mv.version).probabilities
-    assert probs.shape == (40, 10)
+    assert sizes == [16, 16, 8]
+    np.testing.assert_allclose(probs, original(inputs(sample_test, mv, 40)), atol=1e-6)
+
+
+def test_a_forward_pass_that_hangs_makes_the_engine_not_alive(make_engine, sample_test):
+    engine = make_engine(STALL_SECONDS=0.3)
+    mv = engine.current
+    model = engine._loaded[mv.version]
+    original, release = model.predict, threading.Event()
+    model.predict = lambda batch: release.wait(10) and original(batch)  # a stuck MXNet engine
+    future = engine.submit(inputs(sample_test, mv, 1), mv.version)
+    threading.Event().wait(0.8)
+    assert engine.stalled and not engine.alive  # /health and /ready now fail
+    release.set()
+    assert future.result(10).probabilities.shape == (1, 10)
+    assert engine.alive and not engine.stalled
 
 
 def test_full_queue_answers_503_not_a_hang(make_engine, sample_test):
