@@ -220,7 +220,10 @@ DOC = {
             name: json_response(desc, ref("Error"))
             for name, desc in [
                 ("Error", "Error"),
-                ("BadRequest", "No image, undecodable image, bad JSON/base64"),
+                (
+                    "BadRequest",
+                    "No image, undecodable or blank image, bad JSON/base64, bad version",
+                ),
                 ("NotFound", "Unknown route, model or version"),
                 ("TooLarge", "Body, image count or pixel count over the limit"),
                 ("Unsupported", "Unsupported content type or image format"),

@@ -16,8 +16,9 @@ share exactly one definition of "an MNIST digit":
   the MNIST test set posted over HTTP scores like it does offline.
 * ``normalize`` applies the model's (x - mean) / std and adds the channel axis.
 
-An image without any ink (blank paper, fully transparent canvas) is not an error: it becomes
-an all-zero digit and the model answers for it, like it would for an empty MNIST field.
+An image without any ink (blank paper, fully transparent canvas) becomes an all-zero digit in
+``to_mnist``; ``preprocess`` refuses it (400 ``blank_image``): the model would otherwise answer
+a confident digit for nothing.
 """
 
 from __future__ import annotations
@@ -203,7 +204,10 @@ def preprocess(data: bytes, *, mean: float, std: float, max_pixels: int) -> np.n
 
 def preprocess_opened(image: Image.Image, *, mean: float, std: float) -> np.ndarray:
     """An ``open_image`` result -> the model's float32 (1, 28, 28) input."""
-    return normalize(to_mnist(load_image(image, min_size=WORK_SIZE)), mean, std)
+    digit = to_mnist(load_image(image, min_size=WORK_SIZE))
+    if not digit.any():
+        raise InvalidImage("no digit found: the image is blank", code="blank_image")
+    return normalize(digit, mean, std)
 
 
 def _grayscale(image: Image.Image) -> np.ndarray:

@@ -7,15 +7,20 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from service import errors, handler, preprocessing
 from service.config import Config
 
 
-def png(size: tuple[int, int], value: int = 0) -> bytes:
+def png(size: tuple[int, int], stroke: bool = True) -> bytes:
+    """White paper, with a dark vertical stroke (a "1") unless ``stroke`` is False."""
+    image = Image.new("L", size, 255)
+    if stroke:
+        w, h = size
+        ImageDraw.Draw(image).line([(w // 2, h // 5), (w // 2, 4 * h // 5)], 0, max(2, w // 10))
     buf = io.BytesIO()
-    Image.new("L", size, value).save(buf, "PNG")
+    image.save(buf, "PNG")
     return buf.getvalue()
 
 
@@ -38,7 +43,7 @@ def decoded(monkeypatch) -> list[tuple[int, int]]:
 
 def test_a_bomb_anywhere_in_the_request_stops_it_before_any_decoding(decoded):
     config = Config(MAX_IMAGE_PIXELS=1_000_000)
-    images = [png((28, 28), 255)] * 3 + [png((2000, 2000))]
+    images = [png((28, 28))] * 3 + [png((2000, 2000))]
     with pytest.raises(errors.PayloadTooLarge) as info:
         handler.preprocess(images, VERSION, config)
     assert info.value.message.startswith("image 3: image is 2000x2000")
@@ -54,6 +59,13 @@ def test_the_request_total_is_limited_too(decoded):
 
 
 def test_images_within_the_limits_are_all_decoded(decoded):
-    batch = handler.preprocess([png((28, 28), 255), png((300, 200), 255)], VERSION, Config())
+    batch = handler.preprocess([png((28, 28)), png((300, 200))], VERSION, Config())
     assert batch.shape == (2, 1, 28, 28) and batch.dtype == np.float32
     assert decoded == [(28, 28), (300, 200)]
+
+
+def test_a_blank_image_is_refused_not_answered(decoded):
+    with pytest.raises(errors.InvalidImage) as info:
+        handler.preprocess([png((28, 28)), png((280, 280), stroke=False)], VERSION, Config())
+    assert info.value.code == "blank_image" and info.value.status == 400
+    assert info.value.message == "image 1: no digit found: the image is blank"

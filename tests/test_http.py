@@ -121,7 +121,8 @@ def test_batch_independence_over_http(shipped_server, digits, sample_test):
         ("image", (f"{i}.png", png(sample_test.images[i]), "image/png"))
         for i in rng.choice(len(sample_test), 20, replace=False)
     ]
-    noise = [("image", ("n.png", png(rng.integers(0, 256, (28, 28), dtype=np.uint8)), "image/png"))]
+    noisy = np.clip(sample_test.images[0] + rng.integers(0, 90, (28, 28)), 0, 255).astype(np.uint8)
+    noise = [("image", ("n.png", png(noisy), "image/png"))]  # (pure noise is refused as blank)
     files = [*others[:10], ("image", ("d.png", png(digit), "image/png")), *noise, *others[10:]]
     batch = requests.post(url, files=files).json()
     np.testing.assert_allclose(
@@ -157,6 +158,14 @@ BOMB = images.decompression_bomb()
             "invalid_image",
         ),
         ({"data": b"{not json", "headers": {"Content-Type": "application/json"}}, 400, "bad_json"),
+        (
+            {
+                "data": images.encode_bytes(np.full((280, 280), 255, np.uint8), "PNG"),
+                "headers": {"Content-Type": "image/png"},
+            },
+            400,
+            "blank_image",
+        ),
         ({"json": {"picture": "x"}}, 400, "bad_json"),
         ({"json": ["x"]}, 400, "bad_json"),
         ({"json": {"image": "!!!not base64!!!"}}, 400, "bad_base64"),
