@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import gzip
+import http.server
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -143,3 +145,29 @@ def test_training_cli_refuses_bad_arguments_before_training(tmp_path, args, mess
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert "epoch" not in proc.stdout  # refused before any training
     assert time.monotonic() - started < 60
+
+
+def test_a_download_cut_short_is_the_clear_error_not_a_traceback(tmp_path, monkeypatch):
+    """A mirror that promises 1,000 bytes and hangs up after 10 (IncompleteRead)."""
+
+    class CutShort(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b"\x1f\x8b" + b"\0" * 8)
+            self.close_connection = True
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CutShort)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setattr(data, "MIRRORS", (f"http://127.0.0.1:{server.server_port}/",))
+        with pytest.raises(DataError, match="could not be downloaded"):
+            load_split("train", tmp_path / "empty", download=True)
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -8,8 +8,10 @@ user cache ``~/.cache/digitserve/mnist`` (where downloads go).
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
+import http.client
 import os
 import struct
 import urllib.error
@@ -68,7 +70,10 @@ def default_data_dir() -> Path:
 def _read_raw(folder: Path, stem: str) -> bytes | None:
     for path in (folder / stem, folder / f"{stem}.gz"):
         if path.is_file():
-            raw = path.read_bytes()
+            try:
+                raw = path.read_bytes()
+            except OSError as exc:
+                raise DataError(f"cannot read {path} ({exc})") from exc
             try:
                 return gzip.decompress(raw) if path.suffix == ".gz" else raw
             except (OSError, EOFError) as exc:
@@ -82,16 +87,17 @@ def _download(folder: Path, stem: str, timeout: float) -> bytes | None:
         try:
             with urllib.request.urlopen(f"{mirror}{stem}.gz", timeout=timeout) as resp:
                 raw = gzip.decompress(resp.read())
-        except (urllib.error.URLError, OSError, EOFError, TimeoutError) as exc:
-            errors.append(f"{mirror}: {exc}")
+        except (OSError, EOFError, http.client.HTTPException) as exc:  # URLError, timeouts,
+            errors.append(f"{mirror}: {exc}")  # a cut connection (IncompleteRead), bad gzip
             continue
         if hashlib.md5(raw).hexdigest() != MNIST_MD5[stem]:
             errors.append(f"{mirror}: checksum mismatch")
             continue
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{stem}.gz.part"
-        tmp.write_bytes(gzip.compress(raw))
-        tmp.rename(folder / f"{stem}.gz")
+        with contextlib.suppress(OSError):  # the cache is a convenience: an unwritable
+            folder.mkdir(parents=True, exist_ok=True)  # folder still gives the data
+            tmp = folder / f".{stem}.gz.part"
+            tmp.write_bytes(gzip.compress(raw))
+            tmp.rename(folder / f"{stem}.gz")
         return raw
     return None
 
