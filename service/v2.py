@@ -102,7 +102,10 @@ def _tensor(body: Any, max_images: int) -> tuple[np.ndarray, str | None]:
             f"{shape[0]} images; the limit is {max_images}", code="too_many_images"
         )
     try:
-        data = np.asarray(spec.get("data"), dtype=np.float32).reshape(shape)
+        raw = np.asarray(spec.get("data"))
+        if raw.dtype.kind not in "iuf":  # strings, booleans, nulls, ragged lists
+            raise TypeError(f"data holds {raw.dtype.name} values")
+        data = raw.astype(np.float32).reshape(shape)
     except (TypeError, ValueError) as exc:
         raise errors.BadRequest(
             "input data does not match its shape or is not numeric", code="bad_tensor"
@@ -119,8 +122,13 @@ def infer(name: str, version: str | None = None) -> Response:
     if request.mimetype != "application/json":
         raise errors.UnsupportedMediaType("the V2 infer endpoint takes application/json")
     body = handler.read_json(request, config().MAX_CONTENT_LENGTH)
-    pixels, _ = _tensor(body, config().MAX_IMAGES)
+    pixels, input_name = _tensor(body, config().MAX_IMAGES)
     mv = engine().version_for(parse_version(version))
+    if input_name != mv.manifest["input"]["name"]:
+        raise errors.BadRequest(
+            f"unknown input {input_name!r}; this model's input is {mv.manifest['input']['name']!r}",
+            code="bad_tensor",
+        )
     norm = mv.manifest["normalization"]
     batch = np.stack([normalize(img[0], norm["mean"], norm["std"]) for img in pixels])
     prediction = engine().predict(batch, mv.version)
@@ -130,7 +138,7 @@ def infer(name: str, version: str | None = None) -> Response:
         {
             "model_name": prediction.name,
             "model_version": str(prediction.version),
-            "id": body.get("id", ""),
+            "id": str(body.get("id", "")),
             "outputs": [
                 {
                     "name": "probabilities",

@@ -320,6 +320,15 @@ def test_kserve_v2_protocol(shipped_server, digits):
     assert_error(requests.post(f"{url}/v2/models/mnist/infer", json=bad), 400, "bad_tensor")
     bad = dict(body, inputs=[dict(body["inputs"][0], data=[1.0, 2.0])])
     assert_error(requests.post(f"{url}/v2/models/mnist/infer", json=bad), 400, "bad_tensor")
+    one = dict(body["inputs"][0], shape=[1, 1, 28, 28])
+    for data in (["0.5"] * 784, [True] * 784, [None] * 784, [[0.5] * 28] * 27 + [[0.5]]):
+        bad = dict(body, inputs=[dict(one, data=data)])
+        assert_error(requests.post(f"{url}/v2/models/mnist/infer", json=bad), 400, "bad_tensor")
+    bad = dict(body, inputs=[dict(body["inputs"][0], name="pixels")])
+    assert_error(requests.post(f"{url}/v2/models/mnist/infer", json=bad), 400, "bad_tensor")
+    nested = dict(body, id=7, inputs=[dict(one, data=pixels[0].tolist())])  # [1][28][28] lists
+    out = requests.post(f"{url}/v2/models/mnist/infer", json=nested).json()
+    assert out["id"] == "7" and out["outputs"][1]["data"] == [0]
     assert_error(requests.post(f"{url}/v2/models/nope/infer", json=body), 404)
 
 
