@@ -50,6 +50,37 @@ class Config:
         values.update(overrides)
         return cls(**values)
 
+    def check(self) -> Config:
+        """ValueError naming the first setting that cannot work; gunicorn.conf.py calls
+        this in the master, so a typo stops the server with one line, not N tracebacks."""
+        positive = [
+            "MAX_CONTENT_LENGTH",
+            "MAX_IMAGES",
+            "MAX_IMAGE_PIXELS",
+            "MAX_REQUEST_PIXELS",
+            "MAX_BATCH",
+            "QUEUE_SIZE",
+            "INFERENCE_TIMEOUT",
+            "STALL_SECONDS",
+            "LOADED_VERSIONS",
+        ]
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{ENV_PREFIX}{name} must be positive, not {getattr(self, name)}")
+        for name in ("POLL_SECONDS", "BATCH_WAIT_MS"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{ENV_PREFIX}{name} must not be negative")
+        if self.QUEUE_SIZE < self.MAX_IMAGES:
+            raise ValueError(
+                f"{ENV_PREFIX}QUEUE_SIZE ({self.QUEUE_SIZE}) is below {ENV_PREFIX}MAX_IMAGES "
+                f"({self.MAX_IMAGES}): the largest requests could never be queued"
+            )
+        if self.LOG_LEVEL.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError(f"{ENV_PREFIX}LOG_LEVEL {self.LOG_LEVEL!r} is not a log level")
+        if self.MODEL_VERSION is not None and self.MODEL_VERSION < 1:
+            raise ValueError(f"{ENV_PREFIX}MODEL_VERSION must be a version >= 1")
+        return self
+
 
 def _parse(name: str, kind: Any, raw: str) -> Any:
     kind = str(kind)

@@ -14,7 +14,13 @@ import tempfile
 import threading
 import time
 
+from service.config import Config  # light: no MXNet, no Flask
+
 _cpus = os.cpu_count() or 1
+try:  # the app's settings, checked once here rather than failing in every worker
+    Config.from_env().check()
+except ValueError as exc:
+    raise SystemExit(f"digitserve: {exc}") from None
 
 
 def _int(name: str, default: int) -> int:

@@ -27,6 +27,7 @@ from service.store import ModelVersion
 
 RAW_TYPES = ("image/", "application/octet-stream")
 _DATA_URL = re.compile(r"^data:[\w/+.-]+;base64,", re.IGNORECASE)
+_URL_SAFE = str.maketrans("-_", "+/")
 
 
 def read_body(request: Request, limit: int) -> bytes:
@@ -116,9 +117,11 @@ def _from_json(request: Request, config: Config) -> list[bytes]:
 def _b64decode(item: Any, index: int) -> bytes:
     if not isinstance(item, str):
         raise errors.BadRequest(f"image {index} is not a base64 string", code="bad_base64")
-    text = _DATA_URL.sub("", item.strip(), count=1)
+    text = "".join(_DATA_URL.sub("", item.strip(), count=1).split())
+    # Browsers' btoa and Python's b64encode pad; other clients send URL-safe or unpadded.
+    text = text.translate(_URL_SAFE) + "=" * (-len(text) % 4)
     try:
-        return base64.b64decode("".join(text.split()), validate=True)
+        return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise errors.BadRequest(f"image {index} is not valid base64", code="bad_base64") from exc
 

@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,8 +223,8 @@ class ModelStore:
         folder and returns ``{"symbol": filename, "params": filename}``. The store
         hashes them, completes the manifest (name, version, artifacts, schema),
         fsyncs everything and renames the folder into place. If anything fails
-        (or the process dies) no version appears; a stale temp folder is harmless
-        and removed by ``clean_stale_temp``.
+        (or the process dies) no version appears; a temp folder a killed publisher
+        left is harmless, and removed by a later publish once it is an hour old.
         """
         folder = self.check_writable(name)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder))
@@ -234,6 +235,7 @@ class ModelStore:
                 for role, fname in files.items()
             }
             with self._lock(name):
+                self.clean_stale_temp(name, older_than=3600)
                 version = self._next_version(folder)
                 full = {
                     **manifest,
@@ -277,9 +279,14 @@ class ModelStore:
         (folder / _HIGH_WATER).write_text(f"{version}\n")
         return version
 
-    def clean_stale_temp(self, name: str) -> None:
+    def clean_stale_temp(self, name: str, older_than: float = 0.0) -> None:
+        """Remove temp folders of publishes that died, untouched for ``older_than``
+        seconds (a live publisher's is younger: it is written as the export runs)."""
+        cutoff = time.time() - older_than
         for p in (self.root / validate_name(name)).glob(".tmp-*"):
-            shutil.rmtree(p, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                if p.stat().st_mtime <= cutoff:
+                    shutil.rmtree(p, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -70,3 +70,15 @@ def test_a_non_number_is_named_without_a_traceback():
     assert run.returncode != 0
     assert "DIGITSERVE_WORKERS='two' is not an integer" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_app_settings_that_cannot_work_stop_the_server_with_one_line():
+    for env, message in [
+        ({"DIGITSERVE_MAX_IMAGES": "abc"}, "DIGITSERVE_MAX_IMAGES='abc' is not a number"),
+        ({"DIGITSERVE_QUEUE_SIZE": "8"}, "DIGITSERVE_QUEUE_SIZE (8) is below"),
+        ({"DIGITSERVE_LOG_LEVEL": "loud"}, "DIGITSERVE_LOG_LEVEL 'loud' is not a log level"),
+        ({"DIGITSERVE_MAX_BATCH": "0"}, "DIGITSERVE_MAX_BATCH must be positive"),
+    ]:
+        run = gunicorn_config(**env)
+        assert run.returncode != 0, env
+        assert f"digitserve: {message}" in run.stderr and "Traceback" not in run.stderr, run.stderr

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import io
+import textwrap
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
 from service import errors, handler, preprocessing
@@ -69,3 +73,24 @@ def test_a_blank_image_is_refused_not_answered(decoded):
         handler.preprocess([png((28, 28)), png((280, 280), stroke=False)], VERSION, Config())
     assert info.value.code == "blank_image" and info.value.status == 400
     assert info.value.message == "image 1: no digit found: the image is blank"
+
+
+@given(st.binary(min_size=1, max_size=200))
+def test_base64_in_every_common_spelling_decodes_to_the_same_bytes(data):
+    spellings = [
+        base64.b64encode(data).decode(),
+        base64.b64encode(data).decode().rstrip("="),  # unpadded
+        base64.urlsafe_b64encode(data).decode(),  # URL-safe alphabet
+        base64.urlsafe_b64encode(data).decode().rstrip("="),
+        "data:image/png;base64," + base64.b64encode(data).decode(),
+        "\n".join(textwrap.wrap(base64.b64encode(data).decode(), 76)),  # MIME line breaks
+    ]
+    for text in spellings:
+        assert handler._b64decode(text, 0) == data
+
+
+@pytest.mark.parametrize("text", ["!!!", "A", "AAAAA", "AB=C", "é"])
+def test_what_is_not_base64_is_a_400(text):
+    with pytest.raises(errors.BadRequest) as info:
+        handler._b64decode(text, 0)
+    assert info.value.code == "bad_base64"

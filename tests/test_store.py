@@ -185,8 +185,12 @@ def test_publish_killed_half_way_leaves_no_version(tmp_path):
     assert store.versions("m") == []
     assert list((tmp_path / "m").glob(".tmp-*")), "the half-written version stays hidden"
     assert store.publish("m", fake_artifacts(), BASE_MANIFEST).version == 1
-    store.clean_stale_temp("m")
-    assert not list((tmp_path / "m").glob(".tmp-*"))
+    assert list((tmp_path / "m").glob(".tmp-*")), "a recent one may be a live publisher's"
+    stale = time.time() - 7200
+    for p in (tmp_path / "m").glob(".tmp-*"):
+        os.utime(p, (stale, stale))
+    assert store.publish("m", fake_artifacts(), BASE_MANIFEST).version == 2
+    assert not list((tmp_path / "m").glob(".tmp-*")), "an hour-old one is removed by a publish"
 
 
 def _publish_many(root: str, start: float, payload: bytes) -> list[int]:
