@@ -111,7 +111,7 @@ def preset(name: str) -> StudyConfig:
                 full.lr,
                 sweeps=(
                     ArchSweep("mlp", (0.01, 0.1, 1.0), steps=1000, eval_images=2000),
-                    ArchSweep("cnn", (0.1,), steps=60, eval_images=1000),
+                    ArchSweep("cnn", (0.01, 0.1), steps=60, eval_images=1000),
                 ),
                 thresholds=(0.95, 0.97),
             ),

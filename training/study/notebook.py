@@ -37,7 +37,9 @@ own code (`training/model.py`, `training/data.py`, `training/study/`):
 The full-size study (`python -m training.study`, under 45 minutes on 2 cores) is published
 in [`docs/bn-study.md`](../docs/bn-study.md). Here the size comes from `$BN_NOTEBOOK_SCALE`:
 `small` (default: a few minutes on a laptop CPU) or `smoke` (seconds; what the test suite runs).
-At these sizes the numbers are noisy and the runs short: read the shapes, then the report.""",
+At these sizes the numbers are noisy and the runs short: read the shapes, then the report.
+The verdicts printed below apply the report's rules to these small runs, so they can differ
+from the report's; where they do, the full-size runs are the ones to believe.""",
     ),
     (
         "code",
