@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -13,20 +14,23 @@ GUNICORN = Path(sys.executable).with_name("gunicorn")
 
 def gunicorn_config(**env: str) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("DIGITSERVE_")}
-    return subprocess.run(
-        [
-            str(GUNICORN),
-            "-c",
-            "service/gunicorn.conf.py",
-            "--print-config",
-            "service.app:create_app()",
-        ],
-        cwd=ROOT,
-        env={**clean, **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    # --print-config never runs on_exit: give it a folder so it makes no temp dirs of its own.
+    with tempfile.TemporaryDirectory() as tmp:
+        clean |= {"PROMETHEUS_MULTIPROC_DIR": tmp, "DIGITSERVE_RELOAD_FILE": f"{tmp}/reload"}
+        return subprocess.run(
+            [
+                str(GUNICORN),
+                "-c",
+                "service/gunicorn.conf.py",
+                "--print-config",
+                "service.app:create_app()",
+            ],
+            cwd=ROOT,
+            env={**clean, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
 
 def settings(output: str) -> dict[str, str]:
