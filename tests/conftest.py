@@ -154,11 +154,16 @@ def start_server(tmp_path) -> Iterator:
         server.stop()
 
 
+def copy_shipped_store(store_dir: Path) -> Path:
+    """A copy of the shipped model store (without its lock and temp files) to publish into."""
+    shutil.copytree(SHIPPED_STORE, store_dir, ignore=shutil.ignore_patterns(".*"))
+    return store_dir
+
+
 @pytest.fixture(scope="module")
 def shipped_server(tmp_path_factory) -> Iterator[Server]:
     """gunicorn with 2 workers on a copy of the shipped store (tests may publish into it)."""
-    store_dir = tmp_path_factory.mktemp("served") / "model_store"
-    shutil.copytree(SHIPPED_STORE, store_dir, ignore=shutil.ignore_patterns(".*"))
+    store_dir = copy_shipped_store(tmp_path_factory.mktemp("served") / "model_store")
     server = Server(
         {
             "DIGITSERVE_STORE": str(store_dir),

@@ -19,7 +19,7 @@ from service.store import ModelStore
 from training.data import to_input
 
 from . import images
-from .conftest import SHIPPED_STORE
+from .conftest import SHIPPED_STORE, copy_shipped_store
 
 
 def png(digit: np.ndarray) -> bytes:
@@ -411,10 +411,7 @@ def _clone_version(source: ModelStore, target: ModelStore, note: str, corrupt=No
 
 
 def test_hot_swap_under_load_and_refusal_of_bad_versions(start_server, tmp_path, digits):
-    import shutil
-
-    store_dir = tmp_path / "store"
-    shutil.copytree(SHIPPED_STORE, store_dir, ignore=shutil.ignore_patterns(".*"))
+    store_dir = copy_shipped_store(tmp_path / "store")
     store = ModelStore(store_dir)
     first = store.resolve("mnist").version
     server = start_server(
@@ -494,10 +491,7 @@ def test_hot_swap_under_load_and_refusal_of_bad_versions(start_server, tmp_path,
 
 
 def test_version_that_mxnet_cannot_load_is_refused(start_server, tmp_path, digits):
-    import shutil
-
-    store_dir = tmp_path / "store"
-    shutil.copytree(SHIPPED_STORE, store_dir, ignore=shutil.ignore_patterns(".*"))
+    store_dir = copy_shipped_store(tmp_path / "store")
     store = ModelStore(store_dir)
     first = store.resolve("mnist").version
     # Valid checksums, but params MXNet cannot read: refused at load, never served.
@@ -526,10 +520,7 @@ def test_version_that_mxnet_cannot_load_is_refused(start_server, tmp_path, digit
 
 def test_admin_reload_swaps_every_worker(start_server, tmp_path):
     """With polling off, one POST /admin/reload (answered by one worker) moves all of them."""
-    import shutil
-
-    store_dir = tmp_path / "store"
-    shutil.copytree(SHIPPED_STORE, store_dir, ignore=shutil.ignore_patterns(".*"))
+    store_dir = copy_shipped_store(tmp_path / "store")
     store = ModelStore(store_dir)
     first = store.resolve("mnist").version
     server = start_server(
