@@ -100,6 +100,7 @@ def metadata() -> Response:
 @bp.get("/models")
 def models() -> Response:
     eng = engine()
+    eng.wait_started()
     current = eng.current
     refused = eng.refused
     versions = []

@@ -103,6 +103,12 @@ class InferenceEngine:
     def current(self) -> ModelVersion | None:
         return self._current
 
+    def wait_started(self) -> None:
+        """Wait (up to INFERENCE_TIMEOUT) for the start-up load to be tried, so a worker
+        that booted late answers like the others instead of "nothing loaded"."""
+        if self.alive:
+            self._first_look_done.wait(self.config.INFERENCE_TIMEOUT)
+
     def version_for(self, version: int | None) -> ModelVersion:
         """The version a request will run on: pinned, or the current one.
 
@@ -112,8 +118,8 @@ class InferenceEngine:
         """
         if version is None:
             current = self._current
-            if current is None and self.alive:
-                self._first_look_done.wait(self.config.INFERENCE_TIMEOUT)
+            if current is None:
+                self.wait_started()
                 current = self._current
             if current is None:
                 raise errors.ServiceUnavailable("the model is not loaded yet", code="not_ready")
