@@ -12,8 +12,9 @@
 # 4. `docker-compose up -d`, waits for the healthcheck (run by hand: podman
 #    schedules healthchecks through systemd, absent here), posts real MNIST test
 #    digits as PNGs to /predict on 127.0.0.1 and checks the answers;
-# 5. `docker-compose --profile train run --rm trainer` retrains on a small subset
-#    and publishes the next version into the store volume; checks that `web`
+# 5. `docker-compose --profile train run --rm trainer` retrains on a small subset:
+#    once under an unreachable --min-accuracy (nothing may be published), then for
+#    real, publishing the next version into the store volume; checks that `web`
 #    serves it without a restart (hot swap), then that it stops cleanly on SIGTERM;
 # 6. brings everything down and deletes everything it made (containers, volumes,
 #    networks, images, podman's storage, the API service), failed or not.
@@ -287,6 +288,19 @@ v1=$(metadata_version) || die "/metadata failed"
 post_digits "$v1" "$MIN_ACCURACY"
 
 # ---- 5. retraining and hot swap ------------------------------------------------------
+# First a retrain held to a floor it cannot reach: it must publish nothing (exit 3).
+log "retraining under --min-accuracy 0.999 (must be refused)"
+set +e
+# shellcheck disable=SC2086  # TRAIN_ARGS is a list of arguments
+bounded 900 docker-compose --profile train run --rm -T trainer $TRAIN_ARGS --no-progress \
+    --min-accuracy 0.999 > "$WORK/logs/train-gated.log" 2>&1 < /dev/null
+gated=$?
+set -e
+((gated == 3)) && grep -q 'nothing was published' "$WORK/logs/train-gated.log" \
+    || { tail -n 30 "$WORK/logs/train-gated.log"; die "the gated retrain exited $gated, expected 3"; }
+[[ $(metadata_version || true) == "$v1" ]] || die "a refused retrain changed the served version"
+log "refused: $(grep -h 'is below' "$WORK/logs/train-gated.log" | sed 's/^error: //')"
+
 want=$((v1 + 1))
 log "retraining: docker-compose --profile train run --rm trainer $TRAIN_ARGS"
 t0=$SECONDS

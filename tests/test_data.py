@@ -128,6 +128,7 @@ def test_batches_cover_the_split_once(sample_test):
     [
         (["--name", "Bad Name"], "invalid model name"),
         (["--dropout", "1.5"], "--dropout must be"),
+        (["--min-accuracy", "99"], "--min-accuracy must be"),
         (["--store", "/proc/no-store-here"], "cannot publish into"),
     ],
 )

@@ -13,6 +13,7 @@ import pytest
 from mxnet import autograd, gluon
 
 from service import model as serving
+from service.store import ModelStore
 from training.data import to_input
 from training.model import build_net
 from training.train import TrainConfig, seed_everything, train
@@ -187,3 +188,33 @@ def test_ctrl_c_during_training_publishes_nothing(tmp_path):
     assert not (tmp_path / "mnist").exists() or not any(
         p.name.isdigit() for p in (tmp_path / "mnist").iterdir()
     )
+
+
+def test_a_model_below_min_accuracy_is_not_published(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "training.train",
+            "--epochs",
+            "1",
+            "--limit-train",
+            "300",
+            "--min-accuracy",
+            "0.999",
+            "--data-dir",
+            str(ROOT / "tests/data/mnist-sample"),
+            "--store",
+            str(tmp_path),
+            "--no-progress",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "is below --min-accuracy 99.9000%: nothing was published" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert ModelStore(tmp_path).versions("mnist") == []
+    assert [p.name for p in (tmp_path / "mnist").iterdir() if p.name.startswith(".tmp-")] == []

@@ -5,7 +5,9 @@
 
 The exported files are loaded back with ``SymbolBlock.imports`` and compared to
 the trained net before anything is published; the test metrics in the manifest
-are those of the exported model. Ctrl-C or an error publishes nothing.
+are those of the exported model. Ctrl-C or an error publishes nothing, and
+``--min-accuracy 0.99`` publishes only a model that reaches 99% (exit status 3
+otherwise), since a running service swaps to every new version.
 """
 
 from __future__ import annotations
@@ -221,6 +223,10 @@ def build_manifest(
     }
 
 
+class BelowMinimumAccuracy(Exception):
+    """The exported model scored below --min-accuracy, so it was not published."""
+
+
 def publish(
     store: ModelStore,
     name: str,
@@ -229,11 +235,19 @@ def publish(
     train_split: Split,
     test_split: Split,
     command: str,
+    min_accuracy: float | None = None,
 ) -> ModelVersion:
+    """Export, check and publish; a running service hot-swaps to the new version,
+    so ``min_accuracy`` keeps a weak retrain from ever becoming visible."""
     manifest = build_manifest(cfg, result, train_split, test_split, command)
 
     def write(folder: Path) -> dict[str, str]:
         files, metrics = export_and_check(result, folder, name, test_split)
+        if min_accuracy is not None and metrics["test_accuracy"] < min_accuracy:
+            raise BelowMinimumAccuracy(
+                f"test accuracy {metrics['test_accuracy']:.4%} is below "
+                f"--min-accuracy {min_accuracy:.4%}: nothing was published"
+            )
         manifest["metrics"] = metrics  # read by publish() after this returns
         return files
 
@@ -274,6 +288,13 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainConfig]
     p.add_argument("--data-dir", default=None, help="MNIST IDX folder (else $MNIST_DIR, ...)")
     p.add_argument("--store", default=DEFAULT_STORE, help="model store folder")
     p.add_argument("--name", default="mnist", help="model name in the store")
+    p.add_argument(
+        "--min-accuracy",
+        type=float,
+        default=None,
+        help="publish only if the exported model's test accuracy reaches this "
+        "fraction (e.g. 0.99); exit status 3 otherwise",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false")
     args = p.parse_args(argv)
     cfg = TrainConfig(**{k: getattr(args, k) for k in vars(d)})
@@ -281,6 +302,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainConfig]
         p.error("--epochs, --batch-size and --lr must be positive")
     if not 0 <= cfg.dropout < 1:
         p.error("--dropout must be at least 0 and below 1")
+    if args.min_accuracy is not None and not 0 < args.min_accuracy <= 1:
+        p.error("--min-accuracy must be a fraction above 0 and at most 1, e.g. 0.99")
     return args, cfg
 
 
@@ -295,10 +318,15 @@ def main(argv: list[str] | None = None) -> int:
         train_split = load_split("train", args.data_dir)
         test_split = load_split("test", args.data_dir)
         result = train(cfg, train_split, test_split, progress=args.progress, log_epochs=True)
-        version = publish(store, args.name, cfg, result, train_split, test_split, command)
+        version = publish(
+            store, args.name, cfg, result, train_split, test_split, command, args.min_accuracy
+        )
     except (DataError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BelowMinimumAccuracy as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("interrupted: nothing was published", file=sys.stderr)
         return 130
