@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import mxnet as mx
 import numpy as np
@@ -154,22 +155,24 @@ def test_evaluate_matches_manifest_on_the_shipped_model(shipped_store, full_test
     assert accuracy >= 0.995
 
 
+def sample_training(store: Path, *args: str) -> list[str]:
+    """The training command on the committed MNIST sample, publishing into ``store``."""
+    return [
+        sys.executable,
+        "-m",
+        "training.train",
+        *args,
+        "--data-dir",
+        str(ROOT / "tests/data/mnist-sample"),
+        "--store",
+        str(store),
+        "--no-progress",
+    ]
+
+
 def test_ctrl_c_during_training_publishes_nothing(tmp_path):
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "training.train",
-            "--epochs",
-            "200",
-            "--limit-train",
-            "500",
-            "--data-dir",
-            str(ROOT / "tests/data/mnist-sample"),
-            "--store",
-            str(tmp_path),
-            "--no-progress",
-        ],
+        sample_training(tmp_path, "--epochs", "200", "--limit-train", "500"),
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -192,22 +195,9 @@ def test_ctrl_c_during_training_publishes_nothing(tmp_path):
 
 def test_a_model_below_min_accuracy_is_not_published(tmp_path):
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "training.train",
-            "--epochs",
-            "1",
-            "--limit-train",
-            "300",
-            "--min-accuracy",
-            "0.999",
-            "--data-dir",
-            str(ROOT / "tests/data/mnist-sample"),
-            "--store",
-            str(tmp_path),
-            "--no-progress",
-        ],
+        sample_training(
+            tmp_path, "--epochs", "1", "--limit-train", "300", "--min-accuracy", "0.999"
+        ),
         cwd=ROOT,
         capture_output=True,
         text=True,
