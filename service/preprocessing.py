@@ -216,10 +216,7 @@ def _grayscale(image: Image.Image) -> np.ndarray:
     mode = image.mode
 
     if mode in _HIGH_BIT_MODES:
-        gray = _high_bit(np.asarray(image))
-        if factor > 1:
-            gray = np.asarray(Image.fromarray(gray, "F").reduce(factor))
-        return gray
+        return _high_bit(image, factor)
 
     if mode in _ALPHA_MODES or "transparency" in image.info:
         try:
@@ -256,14 +253,29 @@ def _to_l(image: Image.Image) -> Image.Image:
         raise UnsupportedMediaType(f"unsupported pixel mode {image.mode}") from exc
 
 
-def _high_bit(raw: np.ndarray) -> np.ndarray:
-    """16-bit, 32-bit int or float pixels -> [0, 1] by their real bit depth, not by 255."""
-    # float64: float32 data may span +-3e38, whose range overflows float32.
-    values = np.nan_to_num(raw.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    if values.size == 0:
-        return values.astype(np.float32)
-    low, high = float(values.min()), float(values.max())
-    if low >= 0 and high <= 1 and raw.dtype.kind == "f":
+def _high_bit(image: Image.Image, factor: int) -> np.ndarray:
+    """16-bit, 32-bit int or float pixels -> [0, 1] by their real bit depth, not by 255,
+    reduced by ``factor`` (box average) on the way.
+
+    Strip by strip, ``factor`` rows at a time: a whole-image float64 copy of a small,
+    well-compressed 16-bit PNG would cost ~25x the memory of an 8-bit one of as many pixels.
+    """
+    width, height = image.size
+    if not width or not height:
+        return np.zeros((height, width), np.float32)
+    rows: list[np.ndarray] = []
+    low, high = math.inf, -math.inf
+    for top in range(0, height, factor):
+        strip = np.array(image.crop((0, top, width, min(top + factor, height))))
+        if strip.dtype.kind == "f":
+            np.nan_to_num(strip, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+        low, high = min(low, float(strip.min())), max(high, float(strip.max()))
+        # float64 sums: float32 data may span +-3e38, whose sums overflow float32.
+        sums = np.add.reduceat(strip.sum(axis=0, dtype=np.float64), range(0, width, factor))
+        counts = np.diff([*range(0, width, factor), width]) * strip.shape[0]
+        rows.append(sums / counts)
+    values = np.stack(rows)
+    if low >= 0 and high <= 1 and image.mode == "F":
         pass  # float data already in [0, 1]
     elif low >= 0 and high < 2**32:
         # The container (16/32-bit) does not say how many bits are used: a 12-bit sensor or

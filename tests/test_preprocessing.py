@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -189,6 +190,22 @@ def test_sixteen_bit_and_float_images_scale_by_their_bit_depth():
     twelve_bit = Image.fromarray(np.round(digit * (4095 / 255)).astype(np.uint16))
     assert twelve_bit.mode == "I;16"
     np.testing.assert_allclose(to_mnist(twelve_bit), expected, atol=1 / 255)
+
+
+def test_large_sixteen_bit_images_cost_about_what_eight_bit_ones_do():
+    """Reduced strip by strip: no full-size float copy (62 MB here, ~1 GB at the pixel limit)."""
+    digit = np.kron(DIGITS[3], np.ones((100, 100), np.uint8))  # 2800 x 2800
+    eight = to_mnist(Image.fromarray(digit))
+    sixteen = Image.fromarray(digit.astype(np.uint16) * 257)
+    assert sixteen.mode == "I;16"
+    tracemalloc.start()
+    try:
+        out = to_mnist(sixteen)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_allclose(out, eight, atol=1 / 255)
+    assert peak < 8 * 2**20, f"{peak / 2**20:.0f} MB of numpy memory"
 
 
 def test_cmyk_jpeg():
