@@ -32,6 +32,12 @@ ERR = {
         (503, "Unavailable"),
     ]
 }
+REFUSED = {"409": {"$ref": "#/components/responses/Refused"}}
+UNAVAILABLE = {"503": {"$ref": "#/components/responses/Unavailable"}}
+# Health and readiness answer 503 with their own body ({"ready": false, ...}), not an Error.
+NOT_READY = {
+    "503": json_response("Not live or not ready: the same body, false", {"type": "object"})
+}
 IMAGE_BODY = {
     "required": True,
     "content": {
@@ -80,7 +86,7 @@ def predict_op(summary: str, params: list, op_id: str) -> dict:
             "responses": {
                 "200": json_response("Predictions", ref("PredictResponse")),
                 **ERR,
-                "409": {"$ref": "#/components/responses/Refused"},
+                **REFUSED,
             },
         }
     }
@@ -120,26 +126,34 @@ DOC = {
             "The serving model's manifest and version",
             "metadata",
             ref("ModelDescription"),
-            extra={"503": {"$ref": "#/components/responses/Unavailable"}},
+            extra=UNAVAILABLE,
         ),
         "/models": get_op("Models and their versions", "listModels", OBJ),
         "/models/{name}": get_op(
-            "The serving version of a model", "getModel", ref("ModelDescription"), [NAME]
+            "The serving version of a model",
+            "getModel",
+            ref("ModelDescription"),
+            [NAME],
+            extra=UNAVAILABLE,
         ),
         "/models/{name}/versions/{version}": get_op(
-            "One version's manifest", "getModelVersion", ref("ModelDescription"), [NAME, VERSION]
+            "One version's manifest",
+            "getModelVersion",
+            ref("ModelDescription"),
+            [NAME, VERSION],
+            extra=REFUSED,
         ),
         "/health": get_op(
             "Liveness (the worker and its inference thread)",
             "health",
             OBJ,
-            extra={"503": {"$ref": "#/components/responses/Unavailable"}},
+            extra=NOT_READY,
         ),
         "/ready": get_op(
             "Readiness: 503 until the model is loaded",
             "ready",
             OBJ,
-            extra={"503": {"$ref": "#/components/responses/Unavailable"}},
+            extra=NOT_READY,
         ),
         "/metrics": {
             "get": {
@@ -179,15 +193,27 @@ DOC = {
             }
         },
         "/v2": get_op("KServe V2 server metadata", "v2ServerMetadata", OBJ),
-        "/v2/health/live": get_op("KServe V2 liveness", "v2Live", OBJ),
-        "/v2/health/ready": get_op("KServe V2 readiness", "v2Ready", OBJ),
-        "/v2/models/{name}": get_op("KServe V2 model metadata", "v2ModelMetadata", OBJ, [NAME]),
-        "/v2/models/{name}/versions/{version}": get_op(
-            "KServe V2 model version metadata", "v2ModelVersionMetadata", OBJ, [NAME, VERSION]
+        "/v2/health/live": get_op("KServe V2 liveness", "v2Live", OBJ, extra=NOT_READY),
+        "/v2/health/ready": get_op("KServe V2 readiness", "v2Ready", OBJ, extra=NOT_READY),
+        "/v2/models/{name}": get_op(
+            "KServe V2 model metadata", "v2ModelMetadata", OBJ, [NAME], extra=UNAVAILABLE
         ),
-        "/v2/models/{name}/ready": get_op("KServe V2 model readiness", "v2ModelReady", OBJ, [NAME]),
+        "/v2/models/{name}/versions/{version}": get_op(
+            "KServe V2 model version metadata",
+            "v2ModelVersionMetadata",
+            OBJ,
+            [NAME, VERSION],
+            extra=REFUSED,
+        ),
+        "/v2/models/{name}/ready": get_op(
+            "KServe V2 model readiness", "v2ModelReady", OBJ, [NAME], extra=NOT_READY
+        ),
         "/v2/models/{name}/versions/{version}/ready": get_op(
-            "KServe V2 model version readiness", "v2ModelVersionReady", OBJ, [NAME, VERSION]
+            "KServe V2 model version readiness (false when refused)",
+            "v2ModelVersionReady",
+            OBJ,
+            [NAME, VERSION],
+            extra=NOT_READY,
         ),
         "/v2/models/{name}/infer": {
             "post": {
@@ -210,7 +236,11 @@ DOC = {
                     "required": True,
                     "content": {"application/json": {"schema": ref("V2InferRequest")}},
                 },
-                "responses": {"200": json_response("Outputs", ref("V2InferResponse")), **ERR},
+                "responses": {
+                    "200": json_response("Outputs", ref("V2InferResponse")),
+                    **ERR,
+                    **REFUSED,
+                },
             }
         },
     },
@@ -227,7 +257,7 @@ DOC = {
                 ("NotFound", "Unknown route, model or version"),
                 ("TooLarge", "Body, image count or pixel count over the limit"),
                 ("Unsupported", "Unsupported content type or image format"),
-                ("Refused", "The pinned version failed verification or loading"),
+                ("Refused", "The requested version failed verification or loading"),
                 ("Unavailable", "Not ready, overloaded or timed out; retry"),
             ]
         },

@@ -69,8 +69,11 @@ def model_ready(name: str, version: str | None = None) -> tuple[Response, int]:
     if version is None:
         ok = engine().current is not None
     else:
-        ok = parse_version(version) not in engine().refused
-        engine().version_for(parse_version(version))  # 404 for an unknown version
+        try:
+            engine().version_for(parse_version(version))  # 404 for an unknown version
+            ok = True
+        except errors.Conflict:  # refused: it exists, and will never be ready
+            ok = False
     return jsonify({"name": name, "ready": ok}), 200 if ok else 503
 
 

@@ -516,6 +516,19 @@ def test_version_that_mxnet_cannot_load_is_refused(start_server, tmp_path, digit
         if v["version"] == broken
     ]
     assert refused and "refused" in refused[0]
+    # Every route that names it says so, as /openapi.json documents.
+    url = f"{server.url}/v2/models/mnist/versions/{broken}"
+    for _ in range(4):  # both workers
+        r = requests.get(f"{url}/ready")
+        assert r.status_code == 503 and r.json() == {"name": "mnist", "ready": False}
+        assert_error(requests.get(url), 409, "version_refused")
+        assert_error(
+            requests.get(f"{server.url}/models/mnist/versions/{broken}"), 409, "version_refused"
+        )
+        tensor = {"inputs": [{"name": "data", "shape": [1, 1, 28, 28], "datatype": "FP32"}]}
+        tensor["inputs"][0]["data"] = [0.0] * 784
+        assert_error(requests.post(f"{url}/infer", json=tensor), 409, "version_refused")
+    assert requests.get(f"{server.url}/v2/models/mnist/versions/{first}/ready").json()["ready"]
 
 
 def test_admin_reload_swaps_every_worker(start_server, tmp_path):
