@@ -252,7 +252,8 @@ DOC = {
                 ("Error", "Error"),
                 (
                     "BadRequest",
-                    "No image, undecodable or blank image, bad JSON/base64, bad version",
+                    "No image, undecodable or blank image, bad JSON/base64, bad version, "
+                    "a body cut short or badly chunked",
                 ),
                 ("NotFound", "Unknown route, model or version"),
                 ("TooLarge", "Body, image count or pixel count over the limit"),

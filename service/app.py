@@ -14,7 +14,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from gunicorn.http.errors import NoMoreData, ParseException
+from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestEntityTooLarge
 
 from service import api, errors, metrics, v2
 from service.config import Config
@@ -61,6 +62,14 @@ def register_error_handlers(app: Flask) -> None:
     def too_large(exc: RequestEntityTooLarge) -> tuple[Response, int]:
         limit = app.config["MAX_CONTENT_LENGTH"]
         return api_error(errors.PayloadTooLarge(f"request body is over the limit of {limit} bytes"))
+
+    # Raised while the body is read (by us or by werkzeug's form parser): a bad chunk
+    # size, a missing chunk terminator, or a client that went away mid-body.
+    @app.errorhandler(ParseException)
+    @app.errorhandler(NoMoreData)
+    @app.errorhandler(ClientDisconnected)
+    def unreadable_body(exc: Exception) -> tuple[Response, int]:
+        return api_error(errors.BadBody(f"the request body is malformed or cut short ({exc})"))
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> tuple[Response, int]:

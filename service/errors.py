@@ -28,6 +28,12 @@ class BadRequest(ApiError):
     status, code = 400, "bad_request"
 
 
+class BadBody(ApiError):
+    """A body that cannot be read to its end: bad chunking, or shorter than declared."""
+
+    status, code = 400, "bad_body"
+
+
 class NoImage(ApiError):
     status, code = 400, "no_image"
 

@@ -35,7 +35,13 @@ def read_body(request: Request, limit: int) -> bytes:
     before reading anything, and by counting for a chunked body (no length)."""
     if request.content_length is not None:
         check_declared_length(request, limit)
-        return request.get_data(cache=False)
+        data = request.get_data(cache=False)
+        if len(data) < request.content_length:  # the client stopped sending early
+            raise errors.BadBody(
+                f"the body ended after {len(data)} of the {request.content_length} bytes "
+                "its Content-Length declares"
+            )
+        return data
     if request.environ.get("wsgi.input_terminated"):  # chunked: the server ends the stream
         data = request.environ["wsgi.input"].read(limit + 1)
     else:

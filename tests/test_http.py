@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import socket
 import threading
 import time
 
@@ -229,6 +230,62 @@ def test_chunked_bodies_obey_the_size_limit(shipped_server, digits):
         headers={"Content-Type": "application/json"},
     )
     assert_error(r, 413, "payload_too_large")
+
+
+def raw_exchange(url: str, request: bytes) -> tuple[int, dict]:
+    """Send bytes as they are, stop sending (half-close), read the answer."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    if b"transfer-encoding: chunked" in head.lower():  # Flask streams nothing here, but be safe
+        raise AssertionError(f"unexpected chunked answer: {answer[:200]!r}")
+    return status, json.loads(body)
+
+
+@pytest.mark.parametrize(
+    ("path", "mimetype", "body"),
+    [
+        ("/predict", "image/png", b"zz\r\n"),  # not a chunk size
+        ("/predict", "application/json", b'5\r\n{"ima'),  # the client went away mid-chunk
+        ("/predict", "multipart/form-data; boundary=b", b"5\r\n--b\r\n"),
+        ("/v2/models/mnist/infer", "application/json", b'5\r\n{"inp'),
+        ("/predict", "image/png", b"5\r\nabcdeXX"),  # no CRLF after the chunk
+    ],
+)
+def test_a_malformed_or_cut_chunked_body_is_a_400(shipped_server, digits, path, mimetype, body):
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {mimetype}\r\n"
+        "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    )
+    status, answer = raw_exchange(shipped_server.url, head.encode() + body)
+    assert status == 400 and answer["error"]["code"] == "bad_body", answer
+    ok = requests.post(
+        f"{shipped_server.url}/predict",
+        data=png(digits[1][0]),
+        headers={"Content-Type": "image/png"},
+    )
+    assert ok.status_code == 200
+
+
+def test_a_body_shorter_than_its_content_length_is_a_400(shipped_server, digits):
+    image = png(digits[1][0])
+    for path, mimetype, body in [
+        ("/predict", "image/png", image),
+        ("/predict", "application/json", json.dumps({"image": base64.b64encode(image).decode()})),
+    ]:
+        data = body if isinstance(body, bytes) else body.encode()
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {mimetype}\r\n"
+            f"Content-Length: {len(data) + 100}\r\nConnection: close\r\n\r\n"
+        )
+        status, answer = raw_exchange(shipped_server.url, head.encode() + data)
+        assert status == 400 and answer["error"]["code"] == "bad_body", answer
 
 
 def test_routing_errors_share_the_shape(shipped_server):
