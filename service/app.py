@@ -36,6 +36,7 @@ def create_app(config: Config | Mapping[str, Any] | None = None) -> Flask:
     app.config.from_mapping(
         MAX_CONTENT_LENGTH=config.MAX_CONTENT_LENGTH,
         MAX_FORM_PARTS=config.MAX_IMAGES + 16,
+        MAX_FORM_MEMORY_SIZE=500_000,  # a form field that is not a file (Flask's default)
         JSON_SORT_KEYS=False,
     )
     app.json.sort_keys = False
@@ -58,10 +59,23 @@ def register_error_handlers(app: Flask) -> None:
     def api_error(exc: errors.ApiError) -> tuple[Response, int]:
         return jsonify(exc.to_dict()), exc.status
 
-    @app.errorhandler(RequestEntityTooLarge)  # werkzeug's own, e.g. a chunked form over the limit
+    @app.errorhandler(RequestEntityTooLarge)  # werkzeug's own: the body or the form parser
     def too_large(exc: RequestEntityTooLarge) -> tuple[Response, int]:
-        limit = app.config["MAX_CONTENT_LENGTH"]
-        return api_error(errors.PayloadTooLarge(f"request body is over the limit of {limit} bytes"))
+        limit, declared = app.config["MAX_CONTENT_LENGTH"], request.content_length
+        body = f"request body is over the limit of {limit} bytes"
+        form = (
+            f"at most {app.config['MAX_FORM_PARTS']} parts and "
+            f"{app.config['MAX_FORM_MEMORY_SIZE']} bytes in a field that is not a file"
+        )
+        if declared is None:  # chunked: werkzeug does not say which limit it was
+            error = errors.PayloadTooLarge(f"{body}, or its form over its limits ({form})")
+        elif declared <= limit:
+            error = errors.PayloadTooLarge(
+                f"the form is over its limits: {form}", code="form_too_large"
+            )
+        else:
+            error = errors.PayloadTooLarge(body)
+        return api_error(error)
 
     # Raised while the body is read (by us or by werkzeug's form parser): a bad chunk
     # size, a missing chunk terminator, or a client that went away mid-body.
@@ -97,7 +111,8 @@ def register_metrics(app: Flask) -> None:
     def record(response: Response) -> Response:
         rule = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
         status = str(response.status_code)
-        metrics.REQUESTS.labels(rule, request.method, status).inc()
+        method = request.method if request.method in metrics.METHODS else "other"
+        metrics.REQUESTS.labels(rule, method, status).inc()
         metrics.LATENCY.labels(rule, status).observe(
             time.perf_counter() - g.get("started", time.perf_counter())
         )

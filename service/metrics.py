@@ -21,6 +21,9 @@ from prometheus_client import (
     multiprocess,
 )
 
+# Methods with their own label; any other name a client sends is "other", so
+# clients cannot grow the number of series without bound.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 REQUESTS = Counter(

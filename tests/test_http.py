@@ -182,6 +182,12 @@ BOMB = images.decompression_bomb()
         ({"data": b"\0" * (11 * 1024 * 1024), "headers": {"Content-Type": "image/png"}}, 413, None),
         ({"json": {"images": ["AAAA"] * 65}}, 413, "too_many_images"),
         ({"files": [("image", ("x.png", b"x", "image/png"))] * 65}, 413, None),
+        ({"files": [("image", ("x.png", b"x", "image/png"))] * 81}, 413, "form_too_large"),
+        (
+            {"files": [("image", ("x.png", b"x", "image/png")), ("note", (None, "x" * 600_000))]},
+            413,
+            "form_too_large",
+        ),
     ],
     ids=lambda v: str(v)[:40] if not isinstance(v, dict) else None,
 )
@@ -404,6 +410,8 @@ def test_metrics_are_scraped_across_workers(shipped_server, digits):
             f"{url}/predict", data=png(digits[2][0]), headers={"Content-Type": "image/png"}
         )
     requests.get(f"{url}/nowhere")
+    for i in range(3):  # made-up methods share one label: no series per name a client sends
+        requests.request(f"X{i}QWERTY", f"{url}/nowhere")
     families = {
         f.name: f for f in text_string_to_metric_families(requests.get(f"{url}/metrics").text)
     }
@@ -416,6 +424,8 @@ def test_metrics_are_scraped_across_workers(shipped_server, digits):
     assert any(
         s.labels.get("endpoint") == "<unmatched>" for s in families["digitserve_requests"].samples
     )
+    methods = {s.labels["method"] for s in families["digitserve_requests"].samples}
+    assert "other" in methods and not any(m.startswith("X") for m in methods), methods
     counts = [
         s
         for s in families["digitserve_request_duration_seconds"].samples
