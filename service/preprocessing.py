@@ -58,6 +58,9 @@ _FAINT = 0.1
 # its 5th percentile 1.2. Shrunk strokes thinner than _THIN are dilated to about _STROKE.
 _THIN = 0.8
 _STROKE = 1.8
+# Ink spanning fewer pixels than this (at the working resolution) is a speck, not a digit:
+# blown up into the 20x20 box, one dark pixel on white paper was a confident '0'.
+_MIN_DIGIT_SIDE = 3
 # Images at least this large get a spatially varying background (lighting gradients);
 # smaller ones are drawings or already-processed digits: a single level is enough.
 _FLATTEN_MIN = 64
@@ -436,6 +439,8 @@ def _frame(ink: np.ndarray) -> np.ndarray:
         top, bottom, left, right = rows[0], rows[-1], cols[0], cols[-1]
     else:
         top, bottom, left, right = _digit_box(ink)
+        if max(bottom - top, right - left) + 1 < _MIN_DIGIT_SIDE:
+            return np.zeros((MNIST_SIZE, MNIST_SIZE), np.float32)  # a speck: blank
     patch = ink[top : bottom + 1, left : right + 1]
     height, width = patch.shape
     side = max(height, width)

@@ -356,6 +356,27 @@ def test_blank_images_give_an_all_zero_digit(image):
     np.testing.assert_array_equal(to_mnist(image), np.zeros((28, 28), np.float32))
 
 
+def specks() -> list[Image.Image]:
+    dark_dot = Image.new("L", (500, 500), 255)
+    dark_dot.putpixel((250, 250), 0)
+    bright_dot = Image.new("L", (28, 28), 0)
+    bright_dot.putpixel((10, 12), 255)
+    two_by_two = Image.new("L", (64, 64), 255)
+    ImageDraw.Draw(two_by_two).rectangle((30, 30, 31, 31), fill=0)
+    return [dark_dot, bright_dot, two_by_two]
+
+
+@pytest.mark.parametrize("image", specks(), ids=["dark-dot", "bright-dot", "2x2-dot"])
+def test_a_speck_of_ink_is_no_digit(image):
+    np.testing.assert_array_equal(to_mnist(image), np.zeros((28, 28), np.float32))
+
+
+def test_the_smallest_real_strokes_are_still_digits():
+    bar = Image.new("L", (28, 28), 0)
+    ImageDraw.Draw(bar).line((14, 12, 14, 14), fill=255)  # a 3-pixel stroke
+    assert to_mnist(bar).any()
+
+
 def test_photo_of_blank_paper_is_blank():
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:480, 0:640] / 640
