@@ -168,9 +168,11 @@ def admin_reload() -> Response:
         raise errors.ApiError(
             "admin endpoints are disabled; set DIGITSERVE_ADMIN_TOKEN", status=403, code="forbidden"
         )
-    given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-    if not hmac.compare_digest(given.encode(), token.encode()):
-        raise errors.Unauthorized("missing or wrong admin token")
+    scheme, _, given = request.headers.get("Authorization", "").strip().partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        given.strip().encode(), token.encode()
+    ):
+        raise errors.Unauthorized("missing or wrong admin token (Authorization: Bearer <token>)")
     current = engine().reload()
     return jsonify(
         {

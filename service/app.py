@@ -40,6 +40,8 @@ def create_app(config: Config | Mapping[str, Any] | None = None) -> Flask:
         JSON_SORT_KEYS=False,
     )
     app.json.sort_keys = False
+    # '/models//mnist' is a 404 in the one error shape, not an HTML redirect to '/models/mnist'.
+    app.url_map.merge_slashes = False
     app.extensions["digitserve.config"] = config
     app.extensions["digitserve.engine"] = InferenceEngine(config).start()
     app.register_blueprint(api.bp)
@@ -57,7 +59,9 @@ def create_app(config: Config | Mapping[str, Any] | None = None) -> Flask:
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(errors.ApiError)
     def api_error(exc: errors.ApiError) -> tuple[Response, int]:
-        return jsonify(exc.to_dict()), exc.status
+        response = jsonify(exc.to_dict())
+        response.headers.update(exc.headers)
+        return response, exc.status
 
     @app.errorhandler(RequestEntityTooLarge)  # werkzeug's own: the body or the form parser
     def too_large(exc: RequestEntityTooLarge) -> tuple[Response, int]:

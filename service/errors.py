@@ -7,10 +7,14 @@ HTTP error Flask/Werkzeug raises, into that JSON shape.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import ClassVar
+
 
 class ApiError(Exception):
     status = 400
     code = "bad_request"
+    headers: ClassVar[Mapping[str, str]] = {}  # added to the response
 
     def __init__(self, message: str, *, code: str | None = None, status: int | None = None):
         super().__init__(message)
@@ -60,6 +64,7 @@ class NotFound(ApiError):
 
 class Unauthorized(ApiError):
     status, code = 401, "unauthorized"
+    headers: ClassVar[Mapping[str, str]] = {"WWW-Authenticate": 'Bearer realm="digitserve"'}
 
 
 class Conflict(ApiError):

@@ -26,7 +26,8 @@ from service.inference import InferenceEngine, Prediction
 from service.store import ModelVersion
 
 RAW_TYPES = ("image/", "application/octet-stream")
-_DATA_URL = re.compile(r"^data:[\w/+.-]+;base64,", re.IGNORECASE)
+# data:[<media type>][;<parameter>...];base64, -- the media type and parameters may be empty
+_DATA_URL = re.compile(r"^data:[^,]*;base64,", re.IGNORECASE)
 _URL_SAFE = str.maketrans("-_", "+/")
 
 
@@ -74,13 +75,13 @@ def extract_images(request: Request, config: Config) -> list[bytes]:
     check_declared_length(request, config.MAX_CONTENT_LENGTH)
     if mimetype == "multipart/form-data":
         files = [f for key in request.files for f in request.files.getlist(key)]
-        _check_count(len(files), config)
+        _check_count(len(files), config, "the form holds no file; send it in the field 'image'")
         images = [f.read() for f in files]
     elif mimetype.startswith(RAW_TYPES):
         images = [read_body(request, config.MAX_CONTENT_LENGTH)]
     elif mimetype == "application/json":
         images = _from_json(request, config)
-    elif not mimetype and not request.content_length:
+    elif not mimetype and not _has_body(request):
         raise errors.NoImage(
             "send an image: multipart form field 'image', a raw image body, "
             'or JSON {"image": base64}'
@@ -98,9 +99,14 @@ def extract_images(request: Request, config: Config) -> list[bytes]:
     return images
 
 
-def _check_count(n: int, config: Config) -> None:
+def _has_body(request: Request) -> bool:
+    chunked = "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+    return bool(request.content_length) or chunked
+
+
+def _check_count(n: int, config: Config, when_none: str) -> None:
     if n == 0:
-        raise errors.NoImage("the form holds no file; send it in the field 'image'")
+        raise errors.NoImage(when_none)
     if n > config.MAX_IMAGES:
         raise errors.PayloadTooLarge(
             f"{n} images in one request; the limit is {config.MAX_IMAGES}", code="too_many_images"
@@ -116,7 +122,7 @@ def _from_json(request: Request, config: Config) -> list[bytes]:
     items = [body["image"]] if "image" in body else body["images"]
     if not isinstance(items, list):
         raise errors.BadRequest('"images" must be a list of base64 strings', code="bad_json")
-    _check_count(len(items), config)
+    _check_count(len(items), config, '"images" is an empty list')
     return [_b64decode(item, i) for i, item in enumerate(items)]
 
 

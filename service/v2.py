@@ -19,6 +19,7 @@ from service.preprocessing import normalize
 
 bp = Blueprint("v2", __name__, url_prefix="/v2")
 SERVER = {"name": "digitserve", "version": "0.1.0", "extensions": []}
+PIXEL_TOLERANCE = 1e-3  # float rounding in a client's 0-1 scaling
 
 
 @bp.get("")
@@ -115,6 +116,12 @@ def _tensor(body: Any, max_images: int) -> tuple[np.ndarray, str | None]:
         ) from exc
     if not np.isfinite(data).all():
         raise errors.BadRequest("input data must be finite numbers", code="bad_tensor")
+    if data.min() < 0 or data.max() > 1 + PIXEL_TOLERANCE:
+        raise errors.BadRequest(
+            f"pixels must be in [0, 1], not [{data.min():g}, {data.max():g}] (0-255 values: "
+            "divide by 255; the server applies the model's own normalization)",
+            code="bad_tensor",
+        )
     return data, spec.get("name")
 
 
@@ -126,6 +133,9 @@ def infer(name: str, version: str | None = None) -> Response:
         raise errors.UnsupportedMediaType("the V2 infer endpoint takes application/json")
     body = handler.read_json(request, config().MAX_CONTENT_LENGTH)
     pixels, input_name = _tensor(body, config().MAX_IMAGES)
+    request_id = body.get("id", "")
+    if isinstance(request_id, bool) or not isinstance(request_id, str | int):
+        raise errors.BadRequest('"id" must be a string', code="bad_tensor")
     mv = engine().version_for(parse_version(version))
     if input_name != mv.manifest["input"]["name"]:
         raise errors.BadRequest(
@@ -141,7 +151,7 @@ def infer(name: str, version: str | None = None) -> Response:
         {
             "model_name": prediction.name,
             "model_version": str(prediction.version),
-            "id": str(body.get("id", "")),
+            "id": str(request_id),  # a string, as the protocol says; an integer id is echoed so
             "outputs": [
                 {
                     "name": "probabilities",

@@ -97,9 +97,8 @@ def test_raw_body_and_json_bodies(shipped_server, digits):
     )
     b64 = base64.b64encode(data).decode()
     assert requests.post(url, json={"image": b64}).json()["digit"] == label
-    assert (
-        requests.post(url, json={"image": f"data:image/png;base64,{b64}"}).json()["digit"] == label
-    )
+    for prefix in ("data:image/png;base64,", "data:;base64,", "data:image/png;name=a.png;base64,"):
+        assert requests.post(url, json={"image": prefix + b64}).json()["digit"] == label
     many = requests.post(
         url, json={"images": [base64.b64encode(png(d)).decode() for d, _ in digits]}
     ).json()
@@ -173,6 +172,7 @@ BOMB = images.decompression_bomb()
         ({"json": {"image": 42}}, 400, "bad_base64"),
         ({"json": {"images": "abc"}}, 400, "bad_json"),
         ({"json": {"images": []}}, 400, "no_image"),
+        ({"data": iter([b"abc"])}, 415, "unsupported_media_type"),  # chunked, no Content-Type
         (
             {"data": b"hello", "headers": {"Content-Type": "text/plain"}},
             415,
@@ -332,9 +332,14 @@ def test_routing_errors_share_the_shape(shipped_server):
             "bad_version",
         )
     assert_error(requests.post(f"{url}/admin/reload"), 401, "unauthorized")
-    assert_error(
-        requests.post(f"{url}/admin/reload", headers={"Authorization": "Bearer wrong"}), 401
-    )
+    for auth in ("Bearer wrong", "s3cret", "Basic s3cret"):  # the token needs its scheme
+        r = requests.post(f"{url}/admin/reload", headers={"Authorization": auth})
+        assert_error(r, 401, "unauthorized")
+        assert r.headers["WWW-Authenticate"].startswith("Bearer")
+    for auth in ("Bearer s3cret", "bearer s3cret"):  # the scheme is case-insensitive
+        assert requests.post(f"{url}/admin/reload", headers={"Authorization": auth}).ok
+    # Doubled slashes: a 404 in the error shape, not an HTML redirect.
+    assert_error(requests.get(f"{url}/models//mnist", allow_redirects=False), 404, "not_found")
 
 
 def test_pinned_version_routes(shipped_server, digits):
@@ -392,6 +397,15 @@ def test_kserve_v2_protocol(shipped_server, digits):
     nested = dict(body, id=7, inputs=[dict(one, data=pixels[0].tolist())])  # [1][28][28] lists
     out = requests.post(f"{url}/v2/models/mnist/infer", json=nested).json()
     assert out["id"] == "7" and out["outputs"][1]["data"] == [0]
+    for bad_id in ({"a": [1]}, [1], True, 1.5):
+        bad = dict(body, id=bad_id)
+        assert_error(requests.post(f"{url}/v2/models/mnist/infer", json=bad), 400, "bad_tensor")
+    # Pixels are [0, 1]: 0-255 values, or normalized ones, would give confident nonsense.
+    for data in (pixels[0] * 255, pixels[0] - 0.5, np.full_like(pixels[0], -1e30)):
+        bad = dict(body, inputs=[dict(one, data=data.ravel().tolist())])
+        r = requests.post(f"{url}/v2/models/mnist/infer", json=bad)
+        assert_error(r, 400, "bad_tensor")
+        assert "[0, 1]" in r.json()["error"]["message"]
     assert_error(requests.post(f"{url}/v2/models/nope/infer", json=body), 404)
 
 
