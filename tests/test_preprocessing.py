@@ -403,6 +403,9 @@ def test_decompression_bomb_is_refused_before_decoding(monkeypatch):
         decode_image(images.zero_png(3000, 3000), max_pixels=1_000_000)
     with pytest.raises(PayloadTooLarge):
         preprocess(bomb, mean=MEAN, std=STD, max_pixels=MAX_PIXELS)
+    # Within the pixel limit, but a strip of single-pixel rows decodes slowly: refused too.
+    with pytest.raises(PayloadTooLarge, match="no side may exceed"):
+        decode_image(images.zero_png(1, 30_001), max_pixels=MAX_PIXELS)
     assert time.perf_counter() - start < 1.0
 
 
