@@ -112,18 +112,23 @@ class InferenceEngine:
     def version_for(self, version: int | None) -> ModelVersion:
         """The version a request will run on: pinned, or the current one.
 
-        Raises NotFound for an unknown version. While the start-up load runs it
-        waits for it (a worker that booted late must not fail requests the load
-        balancer sent it); with no model after that, ServiceUnavailable.
+        Raises NotFound for an unknown version, Conflict for a refused one. While
+        the start-up load runs it waits for it (a worker that booted late must not
+        fail requests the load balancer sent it, nor call a version good that its
+        start-up load is about to refuse); with no model after that, ServiceUnavailable.
         """
+        if not self._first_look_done.is_set():
+            self.wait_started()
         if version is None:
             current = self._current
             if current is None:
-                self.wait_started()
-                current = self._current
-            if current is None:
                 raise errors.ServiceUnavailable("the model is not loaded yet", code="not_ready")
             return current
+        return self._manifest(version)
+
+    def _manifest(self, version: int) -> ModelVersion:
+        """A version's verified manifest (cached); the engine thread's own lookup, which
+        must not wait for the start-up load it is itself running."""
         if version in self._refused:
             raise errors.Conflict(
                 f"{self.name} v{version} was refused: {self._refused[version]}",
@@ -321,7 +326,7 @@ class InferenceEngine:
                 f"{self.name} v{version} was refused: {self._refused[version]}",
                 code="version_refused",
             )
-        return self._load(self.version_for(version))
+        return self._load(self._manifest(version))
 
     def _load(self, mv: ModelVersion):
         from service import model as serving  # mxnet is imported on this thread only
@@ -365,7 +370,7 @@ class InferenceEngine:
             if version in self._refused:
                 continue
             try:
-                mv = self.version_for(version)
+                mv = self._manifest(version)
                 self._load(mv)
             except errors.ApiError as exc:
                 if isinstance(exc, errors.Conflict):  # a bad version; a missing one may come

@@ -68,6 +68,7 @@ def model_metadata(name: str, version: str | None = None) -> Response:
 def model_ready(name: str, version: str | None = None) -> tuple[Response, int]:
     check_model_name(name)
     if version is None:
+        engine().wait_started()
         ok = engine().current is not None
     else:
         try:
