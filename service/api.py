@@ -14,7 +14,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from service import errors, handler, metrics
 from service.config import Config
 from service.inference import InferenceEngine
-from service.store import ModelVersion, is_version
+from service.store import ModelVersion, StoreError, is_version
 
 bp = Blueprint("api", __name__)
 
@@ -104,7 +104,12 @@ def models() -> Response:
     current = eng.current
     refused = eng.refused
     versions = []
-    for v in eng.store.versions(eng.name):
+    try:
+        published = eng.store.versions(eng.name)
+        store_error = None
+    except StoreError as exc:  # e.g. the store is unreadable: say so, keep serving
+        published, store_error = [], str(exc)
+    for v in published:
         entry: dict[str, Any] = {
             "version": v,
             "serving": current is not None and current.version == v,
@@ -120,6 +125,7 @@ def models() -> Response:
                     "serving_version": current.version if current else None,
                     "pinned": config().MODEL_VERSION is not None,
                     "versions": versions,
+                    **({"store_error": store_error} if store_error else {}),
                 }
             ]
         }

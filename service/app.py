@@ -20,6 +20,7 @@ from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestEntity
 from service import api, errors, metrics, v2
 from service.config import Config
 from service.inference import InferenceEngine
+from service.store import StoreError
 
 log = logging.getLogger("service")
 
@@ -80,6 +81,15 @@ def register_error_handlers(app: Flask) -> None:
         else:
             error = errors.PayloadTooLarge(body)
         return api_error(error)
+
+    @app.errorhandler(StoreError)  # the store went unreadable under a running server
+    def store_error(exc: StoreError) -> tuple[Response, int]:
+        log.warning("model store: %s", exc)
+        return api_error(
+            errors.ServiceUnavailable(
+                f"the model store cannot be read: {exc}", code="store_unavailable"
+            )
+        )
 
     # Raised while the body is read (by us or by werkzeug's form parser): a bad chunk
     # size, a missing chunk terminator, or a client that went away mid-body.

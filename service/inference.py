@@ -69,6 +69,8 @@ class InferenceEngine:
         self._pending_lock = threading.Lock()
         self._loaded: collections.OrderedDict[int, object] = collections.OrderedDict()
         self._refused: dict[int, str] = {}
+        self._refused_as: dict[int, tuple | None] = {}  # the folder's signature then
+        self._listing_error: str | None = None
         self._manifests: dict[int, ModelVersion] = {}
         self._current: ModelVersion | None = None
         self._carry: _Job | None = None
@@ -214,7 +216,7 @@ class InferenceEngine:
                 stamp = self._reload_stamp()
                 if isinstance(item, _Reload) or stamp != reload_seen:  # here or by a sibling
                     reload_seen = stamp
-                    self._refused.clear()
+                    self._forget_refusals(changed_only=False)
                     self._check_store()
                 if isinstance(item, _Reload):
                     item.future.set_result(self._current)
@@ -336,12 +338,13 @@ class InferenceEngine:
             # A forward at load time: a version that cannot run is refused now,
             # not on the first request (also warms up the static allocation).
             shape = [1 if d < 0 else d for d in mv.manifest["input"]["shape"]]
-            loaded.predict(np.zeros(shape, dtype=np.float32))
+            outputs = loaded.predict(np.zeros(shape, dtype=np.float32)).shape[-1]
+            labels = len(mv.manifest["labels"])
+            if outputs != labels:
+                raise ValueError(f"the model has {outputs} outputs, the manifest {labels} labels")
         except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-            self._refused[mv.version] = reason
-            metrics.MODEL_LOADS.labels(result="refused").inc()
-            log.error("refusing %s v%d: %s", mv.name, mv.version, reason)
+            reason = _reason(exc)
+            self._refuse(mv.version, reason)
             raise errors.Conflict(
                 f"{mv.name} v{mv.version} was refused: {reason}", code="version_refused"
             ) from exc
@@ -355,14 +358,45 @@ class InferenceEngine:
             del self._loaded[oldest]
         return loaded
 
+    def _refuse(self, version: int, reason: str) -> None:
+        """Never serve ``version`` (until /admin/reload, or until its folder changes)."""
+        self._refused[version] = reason
+        self._refused_as[version] = self._folder_signature(version)
+        metrics.MODEL_LOADS.labels(result="refused").inc()
+        log.error("refusing %s v%d: %s", self.name, version, reason)
+
+    def _folder_signature(self, version: int) -> tuple | None:
+        """What a version folder holds (names, sizes, times): a refused version is
+        retried when this changes, e.g. once a copy made file by file is complete."""
+        entries = []
+        try:
+            for path in (self.store.root / self.name / str(version)).iterdir():
+                st = path.stat()
+                entries.append((path.name, st.st_size, st.st_mtime_ns))
+        except OSError:
+            return None
+        return tuple(sorted(entries))
+
+    def _forget_refusals(self, changed_only: bool) -> None:
+        for version in list(self._refused):
+            if not changed_only or self._folder_signature(version) != self._refused_as.get(version):
+                self._refused.pop(version, None)
+                self._manifests.pop(version, None)
+
     def _check_store(self, initial: bool = False) -> None:
         """Serve the pinned version, or swap to the newest loadable one."""
         pinned = self.config.MODEL_VERSION
         try:
             candidates = [pinned] if pinned is not None else self.store.versions(self.name)
         except (OSError, StoreError) as exc:
-            log.warning("cannot list the model store: %s", exc)
+            if str(exc) != self._listing_error:  # once, not at every poll
+                log.warning("cannot list the model store: %s", exc)
+            self._listing_error = str(exc)
+            if initial and self._current is None:
+                self.load_error = f"cannot list the model store: {exc}"
             return
+        self._listing_error = None
+        self._forget_refusals(changed_only=True)
         current = self._current.version if self._current else 0
         for version in sorted(candidates, reverse=True):
             if version <= current:
@@ -373,8 +407,8 @@ class InferenceEngine:
                 mv = self._manifest(version)
                 self._load(mv)
             except errors.ApiError as exc:
-                if isinstance(exc, errors.Conflict):  # a bad version; a missing one may come
-                    self._refused.setdefault(version, exc.message)
+                if isinstance(exc, errors.Conflict) and version not in self._refused:
+                    self._refuse(version, exc.message)  # a bad manifest; a missing one may come
                 if initial:
                     self.load_error = exc.message
                 continue
@@ -386,5 +420,18 @@ class InferenceEngine:
                 "now serving %s v%d%s", mv.name, mv.version, "" if initial else f" (was v{current})"
             )
             return
-        if initial and self._current is None and self.load_error is None:
-            self.load_error = f"no loadable version of {self.name!r} in {self.store.root}"
+        if initial and self._current is None:
+            if self.load_error is None:
+                self.load_error = f"no loadable version of {self.name!r} in {self.store.root}"
+            log.warning("nothing to serve yet: %s", self.load_error)
+
+
+def _reason(exc: BaseException) -> str:
+    """One line saying why a load failed. MXNetError's text starts with a C++
+    traceback header; its cause is on the last line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    line = lines[-1] if lines[0].startswith("Traceback") else lines[0]
+    name = type(exc).__name__
+    return (line if line.startswith(name) else f"{name}: {line}")[:500]

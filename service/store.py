@@ -19,6 +19,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -72,6 +73,15 @@ class VerificationError(StoreError):
     pass
 
 
+# Normalization of pixels scaled to [0, 1]: a std outside this range is a broken manifest
+# (1e-300 passed a "positive" check and served confident nonsense).
+_MIN_STD, _MAX_STD = 1e-3, 1e3
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def validate_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise StoreError(f"invalid model name {name!r}: use lowercase letters, digits, '-' or '_'")
@@ -110,10 +120,17 @@ def validate_manifest(data: Any, *, name: str | None = None, version: int | None
     ):
         raise ManifestError("manifest 'input' needs name, shape (list of int) and dtype")
     norm = data["normalization"]
-    if not all(isinstance(norm.get(k), int | float) for k in ("mean", "std")) or norm["std"] <= 0:
-        raise ManifestError("manifest 'normalization' needs numeric mean and positive std")
-    if not data["labels"]:
-        raise ManifestError("manifest 'labels' is empty")
+    if not (
+        all(_is_number(norm.get(k)) for k in ("mean", "std"))
+        and math.isfinite(norm["mean"])
+        and _MIN_STD <= norm["std"] <= _MAX_STD
+    ):
+        raise ManifestError(
+            f"manifest 'normalization' needs a finite mean and a std in [{_MIN_STD}, {_MAX_STD}]"
+        )
+    labels = data["labels"]
+    if not labels or not all(isinstance(label, str) and label for label in labels):
+        raise ManifestError("manifest 'labels' must be a non-empty list of non-empty strings")
     arts = data["artifacts"]
     for role in ("symbol", "params"):
         art = arts.get(role)
@@ -147,9 +164,16 @@ class ModelVersion:
         """Check every artifact's sha256 against the manifest (VerificationError if not)."""
         for role, art in self.manifest["artifacts"].items():
             path = self.path / art["file"]
-            if not path.is_file():
-                raise VerificationError(f"{self.name} v{self.version}: {role} file {path} missing")
-            actual = sha256_file(path)
+            try:
+                if not path.is_file():
+                    raise VerificationError(
+                        f"{self.name} v{self.version}: {role} file {path} missing"
+                    )
+                actual = sha256_file(path)
+            except OSError as exc:
+                raise VerificationError(
+                    f"{self.name} v{self.version}: {role} file {path} unreadable ({exc})"
+                ) from exc
             if actual != art["sha256"]:
                 raise VerificationError(
                     f"{self.name} v{self.version}: {role} file {path.name} is corrupt "
@@ -168,19 +192,22 @@ class ModelStore:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _NAME_RE.match(p.name))
 
     def versions(self, name: str) -> list[int]:
+        """The published versions, ascending. A version folder that cannot be read is
+        listed (``get`` then says why it is unusable); StoreError if the model's folder
+        itself cannot be listed."""
         folder = self.root / validate_name(name)
-        if not folder.is_dir():
-            return []
-        return sorted(
-            int(p.name)
-            for p in folder.iterdir()
-            if _VERSION_RE.match(p.name) and (p / MANIFEST).is_file()
-        )
+        try:
+            if not folder.is_dir():
+                return []
+            candidates = [p for p in folder.iterdir() if _VERSION_RE.match(p.name)]
+        except OSError as exc:
+            raise StoreError(f"cannot list {folder}: {exc}") from exc
+        return sorted(int(p.name) for p in candidates if _has_manifest(p))
 
     def get(self, name: str, version: int) -> ModelVersion:
         path = self.root / validate_name(name) / str(version)
         manifest_path = path / MANIFEST
-        if not is_version(str(version)) or not manifest_path.is_file():
+        if not is_version(str(version)) or not _has_manifest(path):
             raise ModelNotFound(f"model {name!r} has no version {version}")
         try:
             data = json.loads(manifest_path.read_text(encoding="utf-8"))
@@ -287,6 +314,15 @@ class ModelStore:
             with contextlib.suppress(OSError):
                 if p.stat().st_mtime <= cutoff:
                     shutil.rmtree(p, ignore_errors=True)
+
+
+def _has_manifest(folder: Path) -> bool:
+    """A complete version (its manifest is written last); one that cannot be looked
+    into counts as published, so that reading it reports why it is unusable."""
+    try:
+        return (folder / MANIFEST).is_file()
+    except OSError:
+        return True
 
 
 def _fsync_dir(path: Path) -> None:

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from service import errors
 from service.config import Config
@@ -115,5 +121,95 @@ def test_no_model_in_store_is_not_ready(tmp_path):
                 engine.version_for(None)
         assert "no loadable version" in (engine.load_error or "")
         assert not engine.ready.is_set()
+    finally:
+        engine.stop()
+
+
+def clone_version(root: Path, source: int, target: int, edit=None, files=True) -> Path:
+    """Copy a version folder as another number (its manifest says so), optionally edited;
+    ``files=False`` copies the manifest alone, as a copy made file by file starts."""
+    src, dst = root / "mnist" / str(source), root / "mnist" / str(target)
+    dst.mkdir()
+    manifest = json.loads((src / "manifest.json").read_text())
+    manifest["version"] = target
+    if edit:
+        edit(manifest)
+    if files:
+        for art in manifest["artifacts"].values():
+            shutil.copy(src / art["file"], dst / art["file"])
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
+
+
+def unloadable_version(root: Path, source: int, target: int) -> Path:
+    """The MXNet failure: checksums that match, params MXNet cannot read."""
+    folder = clone_version(root, source, target)
+    params = folder / "mnist-0000.params"
+    params.write_bytes(b"not an ndarray file")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["artifacts"]["params"]["sha256"] = hashlib.sha256(params.read_bytes()).hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def refusals() -> float:
+    return REGISTRY.get_sample_value("digitserve_model_loads_total", {"result": "refused"}) or 0
+
+
+def test_bad_versions_are_refused_with_their_cause_logged_and_counted(tmp_path, tiny_store, caplog):
+    root = shutil.copytree(tiny_store.root, tmp_path / "store")
+    clone_version(root, 1, 2, lambda m: m.update(labels=m["labels"][:7]))
+    clone_version(root, 1, 3, lambda m: m.update(version=2))  # names another version
+    (root / "mnist" / "4").mkdir()
+    unloadable_version(root, 1, 5)
+    before = refusals()
+    engine = InferenceEngine(Config(STORE=str(root), POLL_SECONDS=0)).start()
+    try:
+        assert engine.ready.wait(60) and engine.current.version == 1
+        refused = engine.refused
+        assert set(refused) == {2, 3, 5}  # 4 has no manifest: not a version (yet)
+        assert "the model has 10 outputs, the manifest 7 labels" in refused[2]
+        assert "says version 2, folder says 3" in refused[3]
+        assert "Invalid NDArray file format" in refused[5]  # the cause, not "Traceback"
+        assert refusals() - before == 3
+        logged = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert all(any(f"refusing mnist v{v}" in m for m in logged) for v in (2, 3, 5))
+    finally:
+        engine.stop()
+
+
+def test_a_refused_version_is_retried_once_its_folder_is_complete(tmp_path, tiny_store):
+    """A copy made file by file (manifest first) is refused while incomplete, then served."""
+    root = shutil.copytree(tiny_store.root, tmp_path / "store")
+    engine = InferenceEngine(Config(STORE=str(root), POLL_SECONDS=0.2)).start()
+    try:
+        assert engine.ready.wait(60) and engine.current.version == 1
+        folder = clone_version(root, 1, 2, files=False)
+        deadline = time.monotonic() + 30
+        while 2 not in engine.refused:
+            assert time.monotonic() < deadline, "v2 was never looked at"
+            time.sleep(0.1)
+        assert "missing" in engine.refused[2]
+        for name in ("mnist-symbol.json", "mnist-0000.params"):
+            shutil.copy(root / "mnist" / "1" / name, folder / name)
+        while engine.current.version != 2:
+            assert time.monotonic() < deadline, f"still refused: {engine.refused}"
+            time.sleep(0.1)
+        assert 2 not in engine.refused
+    finally:
+        engine.stop()
+
+
+def test_reload_retries_a_version_replaced_in_place(tmp_path, tiny_store):
+    root = shutil.copytree(tiny_store.root, tmp_path / "store")
+    bad = unloadable_version(root, 1, 2)
+    engine = InferenceEngine(Config(STORE=str(root), POLL_SECONDS=0)).start()
+    try:
+        assert engine.ready.wait(60) and engine.current.version == 1
+        assert "Invalid NDArray" in engine.refused[2]
+        shutil.rmtree(bad)
+        good = clone_version(root, 1, 2, lambda m: m.update(note="fixed"))
+        assert json.loads((good / "manifest.json").read_text())["note"] == "fixed"
+        assert engine.reload().version == 2  # not refused again from a cached manifest
     finally:
         engine.stop()

@@ -79,7 +79,12 @@ def test_corrupt_params_fail_verification(tmp_path):
         (lambda m: m.update(version="1"), "'version' has the wrong type"),
         (lambda m: m.update(version=True), "'version' has the wrong type"),
         (lambda m: m.update(schema_version=99), "unsupported"),
-        (lambda m: m["normalization"].update(std=0), "positive std"),
+        (lambda m: m["normalization"].update(std=0), "std in"),
+        (lambda m: m["normalization"].update(std=1e-300), "std in"),
+        (lambda m: m["normalization"].update(mean=float("inf")), "finite mean"),
+        (lambda m: m["normalization"].update(mean=True), "finite mean"),
+        (lambda m: m.update(labels=list(range(10))), "list of non-empty strings"),
+        (lambda m: m.update(labels=["0", ""]), "list of non-empty strings"),
         (lambda m: m["input"].update(shape="28x28"), "'input'"),
         (lambda m: m["artifacts"]["params"].update(sha256="abc"), "sha256"),
         (lambda m: m["artifacts"]["params"].update(file="../../etc/passwd"), "outside"),
@@ -95,6 +100,42 @@ def test_bad_manifest_rejected(tmp_path, mutate, message):
     (mv.path / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(ManifestError):
         ModelStore(tmp_path).get("m", 1)
+
+
+def test_an_unreadable_version_folder_is_listed_and_refused_alone(tmp_path):
+    store = ModelStore(tmp_path)
+    for _ in range(3):
+        store.publish("m", fake_artifacts(), BASE_MANIFEST)
+    locked = tmp_path / "m" / "2"
+    real_is_file, real_read_text = Path.is_file, Path.read_text
+
+    def denied(real):  # root ignores chmod: fake what a non-root reader sees
+        def call(path: Path, *args, **kwargs):
+            if path.parent == locked:
+                raise PermissionError(13, "Permission denied", str(path))
+            return real(path, *args, **kwargs)
+
+        return call
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Path, "is_file", denied(real_is_file))
+        mp.setattr(Path, "read_text", denied(real_read_text))
+        assert store.versions("m") == [1, 2, 3]
+        with pytest.raises(ManifestError, match="unreadable manifest"):
+            store.get("m", 2)
+        assert store.get("m", 3).version == 3
+
+
+def test_an_unlistable_model_folder_is_a_store_error(tmp_path, monkeypatch):
+    store = ModelStore(tmp_path)
+    store.publish("m", fake_artifacts(), BASE_MANIFEST)
+
+    def iterdir(path: Path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    with pytest.raises(StoreError, match="cannot list"):
+        store.versions("m")
 
 
 def test_unreadable_manifest_and_mismatched_version(tmp_path):
