@@ -9,8 +9,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from service.store import StoreError, is_version, validate_name
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENV_PREFIX = "DIGITSERVE_"
+MAX_SECONDS = 86_400.0
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,19 @@ class Config:
         for name in ("POLL_SECONDS", "BATCH_WAIT_MS"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{ENV_PREFIX}{name} must not be negative")
+        # Durations end up as thread/queue timeouts: inf, nan or 1e300 break those.
+        for name, seconds in [
+            ("POLL_SECONDS", self.POLL_SECONDS),
+            ("BATCH_WAIT_MS", self.BATCH_WAIT_MS / 1000),
+            ("INFERENCE_TIMEOUT", self.INFERENCE_TIMEOUT),
+            ("STALL_SECONDS", self.STALL_SECONDS),
+        ]:
+            if not seconds <= MAX_SECONDS:  # also false for nan
+                raise ValueError(f"{ENV_PREFIX}{name} must be at most a day, not {seconds:g} s")
+        if self.BATCH_WAIT_MS / 1000 >= self.INFERENCE_TIMEOUT:
+            raise ValueError(
+                f"{ENV_PREFIX}BATCH_WAIT_MS must be shorter than {ENV_PREFIX}INFERENCE_TIMEOUT"
+            )
         if self.QUEUE_SIZE < self.MAX_IMAGES:
             raise ValueError(
                 f"{ENV_PREFIX}QUEUE_SIZE ({self.QUEUE_SIZE}) is below {ENV_PREFIX}MAX_IMAGES "
@@ -77,8 +93,15 @@ class Config:
             )
         if self.LOG_LEVEL.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ValueError(f"{ENV_PREFIX}LOG_LEVEL {self.LOG_LEVEL!r} is not a log level")
-        if self.MODEL_VERSION is not None and self.MODEL_VERSION < 1:
-            raise ValueError(f"{ENV_PREFIX}MODEL_VERSION must be a version >= 1")
+        if self.MODEL_VERSION is not None and not is_version(str(self.MODEL_VERSION)):
+            raise ValueError(
+                f"{ENV_PREFIX}MODEL_VERSION must be a version from 1 to 999999999, "
+                f"not {self.MODEL_VERSION}"
+            )
+        try:
+            validate_name(self.MODEL_NAME)
+        except StoreError as exc:
+            raise ValueError(f"{ENV_PREFIX}MODEL_NAME: {exc}") from None
         return self
 
 

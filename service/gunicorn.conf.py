@@ -23,25 +23,28 @@ except ValueError as exc:
     raise SystemExit(f"digitserve: {exc}") from None
 
 
-def _int(name: str, default: int) -> int:
+def _int(name: str, default: int, minimum: int) -> int:
     """An integer setting; unset or empty (as compose passes an unset one) is the default."""
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError:
-        raise SystemExit(f"{name}={raw!r} is not an integer") from None
+        raise SystemExit(f"digitserve: {name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise SystemExit(f"digitserve: {name} must be at least {minimum}, not {value}")
+    return value
 
 
 bind = os.environ.get("DIGITSERVE_BIND") or "127.0.0.1:8000"
-workers = _int("DIGITSERVE_WORKERS", min(_cpus, 4))
+workers = _int("DIGITSERVE_WORKERS", min(_cpus, 4), minimum=1)
 worker_class = "gthread"
-threads = _int("DIGITSERVE_THREADS", 8)
-timeout = _int("DIGITSERVE_TIMEOUT", 60)
-graceful_timeout = _int("DIGITSERVE_GRACEFUL_TIMEOUT", 30)
-keepalive = _int("DIGITSERVE_KEEPALIVE", 5)
-backlog = _int("DIGITSERVE_BACKLOG", 512)
+threads = _int("DIGITSERVE_THREADS", 8, minimum=1)
+timeout = _int("DIGITSERVE_TIMEOUT", 60, minimum=0)  # 0: gunicorn's "never"
+graceful_timeout = _int("DIGITSERVE_GRACEFUL_TIMEOUT", 30, minimum=0)
+keepalive = _int("DIGITSERVE_KEEPALIVE", 5, minimum=0)
+backlog = _int("DIGITSERVE_BACKLOG", 512, minimum=1)
 accesslog = os.environ.get("DIGITSERVE_ACCESS_LOG", "-") or None
 errorlog = "-"
 loglevel = (os.environ.get("DIGITSERVE_LOG_LEVEL") or "info").lower()
@@ -55,23 +58,28 @@ if not control_socket_disable:
 limit_request_line = 8190
 limit_request_fields = 100
 # Workers share the cores: split MXNet's OpenMP threads between them.
-_omp = os.environ.get("DIGITSERVE_OMP_THREADS") or str(max(1, _cpus // workers))
+_omp = _int("DIGITSERVE_OMP_THREADS", max(1, _cpus // workers), minimum=1)
 raw_env = [f"OMP_NUM_THREADS={_omp}", f"MXNET_CPU_WORKER_NTHREADS={_omp}"]
 
-# prometheus_client multiprocess mode: a fresh directory for this server's workers.
-if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="digitserve-metrics-")
-    _own_metrics_dir = True
-else:
-    _own_metrics_dir = False
+# Folders this server makes for itself, removed at exit. Kept in the environment, not
+# in this module: gunicorn runs this file again on SIGHUP, and the new copy's on_exit
+# must still know them.
+_MADE = "_DIGITSERVE_MADE_DIRS"  # internal, not a setting
 
 
-# /admin/reload in one worker touches this file; every worker watches it.
-if not os.environ.get("DIGITSERVE_RELOAD_FILE"):
-    _reload_dir = tempfile.mkdtemp(prefix="digitserve-reload-")
-    os.environ["DIGITSERVE_RELOAD_FILE"] = os.path.join(_reload_dir, "reload")
-else:
-    _reload_dir = None
+def when_ready(server):
+    """Make the server's temp folders once it has started (settings valid, socket
+    bound: a failed start leaves nothing behind), before any worker is forked."""
+    made = []
+    # prometheus_client multiprocess mode: a fresh directory for this server's workers.
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        made.append(tempfile.mkdtemp(prefix="digitserve-metrics-"))
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = made[-1]
+    # /admin/reload in one worker touches this file; every worker watches it.
+    if not os.environ.get("DIGITSERVE_RELOAD_FILE"):
+        made.append(tempfile.mkdtemp(prefix="digitserve-reload-"))
+        os.environ["DIGITSERVE_RELOAD_FILE"] = os.path.join(made[-1], "reload")
+    os.environ[_MADE] = os.pathsep.join(made)
 
 
 def post_worker_init(worker):
@@ -103,7 +111,5 @@ def child_exit(server, worker):
 
 
 def on_exit(server):
-    if _own_metrics_dir:
-        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
-    if _reload_dir:
-        shutil.rmtree(_reload_dir, ignore_errors=True)
+    for folder in filter(None, os.environ.get(_MADE, "").split(os.pathsep)):
+        shutil.rmtree(folder, ignore_errors=True)

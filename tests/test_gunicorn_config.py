@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -14,10 +17,8 @@ GUNICORN = Path(sys.executable).with_name("gunicorn")
 
 def gunicorn_config(**env: str) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("DIGITSERVE_")}
-    # --print-config never runs on_exit: give it a folder so it makes no temp dirs of its own.
     with tempfile.TemporaryDirectory() as tmp:
-        clean |= {"PROMETHEUS_MULTIPROC_DIR": tmp, "DIGITSERVE_RELOAD_FILE": f"{tmp}/reload"}
-        return subprocess.run(
+        run = subprocess.run(
             [
                 str(GUNICORN),
                 "-c",
@@ -26,11 +27,13 @@ def gunicorn_config(**env: str) -> subprocess.CompletedProcess[str]:
                 "service.app:create_app()",
             ],
             cwd=ROOT,
-            env={**clean, **env},
+            env={**clean, "TMPDIR": tmp, **env},
             capture_output=True,
             text=True,
             timeout=60,
         )
+        assert not os.listdir(tmp), "reading the settings must not make temp folders"
+        return run
 
 
 def settings(output: str) -> dict[str, str]:
@@ -82,7 +85,55 @@ def test_app_settings_that_cannot_work_stop_the_server_with_one_line():
         ({"DIGITSERVE_QUEUE_SIZE": "8"}, "DIGITSERVE_QUEUE_SIZE (8) is below"),
         ({"DIGITSERVE_LOG_LEVEL": "loud"}, "DIGITSERVE_LOG_LEVEL 'loud' is not a log level"),
         ({"DIGITSERVE_MAX_BATCH": "0"}, "DIGITSERVE_MAX_BATCH must be positive"),
+        ({"DIGITSERVE_INFERENCE_TIMEOUT": "inf"}, "DIGITSERVE_INFERENCE_TIMEOUT must be at most"),
+        ({"DIGITSERVE_BATCH_WAIT_MS": "inf"}, "DIGITSERVE_BATCH_WAIT_MS must be at most"),
+        ({"DIGITSERVE_POLL_SECONDS": "nan"}, "DIGITSERVE_POLL_SECONDS must be at most"),
+        ({"DIGITSERVE_BATCH_WAIT_MS": "40000"}, "DIGITSERVE_BATCH_WAIT_MS must be shorter than"),
+        ({"DIGITSERVE_MODEL_NAME": "MNIST"}, "DIGITSERVE_MODEL_NAME: invalid model name"),
+        (
+            {"DIGITSERVE_MODEL_VERSION": "99999999999"},
+            "DIGITSERVE_MODEL_VERSION must be a version from",
+        ),
+        ({"DIGITSERVE_WORKERS": "0"}, "DIGITSERVE_WORKERS must be at least 1"),
+        ({"DIGITSERVE_THREADS": "0"}, "DIGITSERVE_THREADS must be at least 1"),
+        ({"DIGITSERVE_KEEPALIVE": "-1"}, "DIGITSERVE_KEEPALIVE must be at least 0"),
+        ({"DIGITSERVE_OMP_THREADS": "abc"}, "DIGITSERVE_OMP_THREADS='abc' is not an integer"),
+        ({"DIGITSERVE_OMP_THREADS": "0"}, "DIGITSERVE_OMP_THREADS must be at least 1"),
     ]:
         run = gunicorn_config(**env)
         assert run.returncode != 0, env
         assert f"digitserve: {message}" in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+def test_temp_folders_go_after_a_reload_and_after_a_failed_start(start_server, tmp_path):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    server = start_server({"TMPDIR": str(tmp)}, workers=1)
+    assert len([p for p in tmp.iterdir() if p.name.startswith("digitserve-")]) == 2
+    first = server.worker_pids()
+    os.kill(server.proc.pid, signal.SIGHUP)  # gunicorn re-reads this file and new workers start
+    deadline = time.monotonic() + 60
+    while server.worker_pids() & first or not server.worker_pids():
+        assert time.monotonic() < deadline, "no new worker after SIGHUP"
+        time.sleep(0.2)
+    server.wait_ready()
+    server.stop()
+    assert not list(tmp.iterdir()), "the metrics and reload folders outlived the server"
+
+    with socket.socket() as taken:  # a start that fails: the port is in use
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        run = subprocess.run(
+            [str(GUNICORN), "-c", "service/gunicorn.conf.py", "service.app:create_app()"],
+            cwd=ROOT,
+            env={
+                **os.environ,
+                "TMPDIR": str(tmp),
+                "DIGITSERVE_BIND": f"127.0.0.1:{taken.getsockname()[1]}",
+            },
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert run.returncode != 0
+    assert not list(tmp.iterdir()), "a failed start left temp folders"
