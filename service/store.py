@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # the shipped one is 7 kB, its history included
 SCHEMA_VERSION = 1
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _VERSION_RE = re.compile(r"^[1-9][0-9]{0,8}$")
@@ -210,6 +211,11 @@ class ModelStore:
         if not is_version(str(version)) or not _has_manifest(path):
             raise ModelNotFound(f"model {name!r} has no version {version}")
         try:
+            size = manifest_path.stat().st_size
+            if size > MAX_MANIFEST_BYTES:  # read whole into every worker: bound it first
+                raise ManifestError(
+                    f"{manifest_path}: manifest is {size} bytes; the limit is {MAX_MANIFEST_BYTES}"
+                )
             data = json.loads(manifest_path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ManifestError(f"{manifest_path}: unreadable manifest ({exc})") from exc

@@ -144,6 +144,10 @@ def test_unreadable_manifest_and_mismatched_version(tmp_path):
     (mv.path / "manifest.json").write_text("{not json")
     with pytest.raises(ManifestError, match="unreadable"):
         store.get("m", 1)
+    with open(mv.path / "manifest.json", "wb") as f:  # sparse: 1 GB that is never read
+        f.truncate(1 << 30)
+    with pytest.raises(ManifestError, match="the limit is"):
+        store.get("m", 1)
     good = store.publish("m", fake_artifacts(), BASE_MANIFEST)
     os.rename(good.path, tmp_path / "m" / "7")
     with pytest.raises(ManifestError, match="folder says 7"):
