@@ -131,10 +131,10 @@ class InferenceEngine:
     def _manifest(self, version: int) -> ModelVersion:
         """A version's verified manifest (cached); the engine thread's own lookup, which
         must not wait for the start-up load it is itself running."""
-        if version in self._refused:
+        reason = self._refused.get(version)  # one read: the engine thread may forget it
+        if reason is not None:
             raise errors.Conflict(
-                f"{self.name} v{version} was refused: {self._refused[version]}",
-                code="version_refused",
+                f"{self.name} v{version} was refused: {reason}", code="version_refused"
             )
         cached = self._manifests.get(version)
         if cached is not None:
@@ -323,12 +323,7 @@ class InferenceEngine:
         if model is not None:
             self._loaded.move_to_end(version)
             return model
-        if version in self._refused:
-            raise errors.Conflict(
-                f"{self.name} v{version} was refused: {self._refused[version]}",
-                code="version_refused",
-            )
-        return self._load(self._manifest(version))
+        return self._load(self._manifest(version))  # Conflict if it was refused
 
     def _load(self, mv: ModelVersion):
         from service import model as serving  # mxnet is imported on this thread only
@@ -380,7 +375,7 @@ class InferenceEngine:
     def _forget_refusals(self, changed_only: bool) -> None:
         for version in list(self._refused):
             if not changed_only or self._folder_signature(version) != self._refused_as.get(version):
-                self._refused.pop(version, None)
+                del self._refused[version], self._refused_as[version]
                 self._manifests.pop(version, None)
 
     def _check_store(self, initial: bool = False) -> None:
