@@ -83,7 +83,23 @@ fi
 
 # ---- the work folder: podman's config, storage, socket and logs ------------------
 mkdir -p "$CACHE"
+# A run killed outright (SIGKILL, a machine restart) could not clean up: its work folder
+# holds gigabytes of podman storage, some of it still mounted. Remove those whose run is
+# gone (no live pid; folders from before pid files: older than an hour).
+for stale in /tmp/digitserve-e2e.*; do
+    [[ -d $stale ]] || continue
+    if [[ -f $stale/pid ]]; then
+        kill -0 "$(cat "$stale/pid")" 2>/dev/null && continue
+    elif [[ -z $(find "$stale" -maxdepth 0 -mmin +60) ]]; then
+        continue
+    fi
+    log "removing $stale, left by a run that was killed"
+    awk -v dir="$stale/" 'index($2, dir) == 1 {print $2}' /proc/mounts | sort -r \
+        | xargs -r -n1 umount -l
+    rm -rf "$stale"
+done
 WORK=$(mktemp -d /tmp/digitserve-e2e.XXXXXX)   # short: the socket path must fit 108 bytes
+echo $$ > "$WORK/pid"
 mkdir -p "$WORK/logs" "$WORK/digits" "$WORK/responses"
 cat > "$WORK/containers.conf" <<EOF
 [containers]
