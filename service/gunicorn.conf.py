@@ -83,10 +83,15 @@ def when_ready(server):
 
 
 def post_worker_init(worker):
-    """Watch the worker's inference thread; if it dies or hangs in a forward pass, stop
-    the worker so gunicorn starts a fresh one. gunicorn's own timeout cannot see this:
-    its heartbeat comes from the request loop, which keeps running."""
+    """Wait for the worker's start-up load, then watch its inference thread; if it dies
+    or hangs in a forward pass, stop the worker so gunicorn starts a fresh one.
+    gunicorn's own timeout cannot see this: its heartbeat comes from the request loop,
+    which keeps running."""
     engine = worker.wsgi.extensions["digitserve.engine"]
+    # Accept no connection before the start-up load has been tried: the listening socket
+    # is shared, so a worker still loading would answer /ready 503 (and hold /predict)
+    # while its siblings are ready. Bounded by INFERENCE_TIMEOUT, below gunicorn's timeout.
+    engine.wait_started()
 
     def watch() -> None:
         while worker.alive:

@@ -11,6 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import requests
+
 ROOT = Path(__file__).resolve().parents[1]
 GUNICORN = Path(sys.executable).with_name("gunicorn")
 
@@ -137,3 +139,20 @@ def test_temp_folders_go_after_a_reload_and_after_a_failed_start(start_server, t
         )
     assert run.returncode != 0
     assert not list(tmp.iterdir()), "a failed start left temp folders"
+
+
+def test_a_worker_takes_requests_only_once_its_start_up_load_is_done(start_server):
+    """The workers share one listening socket: once any answers /ready, all must."""
+    server = start_server({}, workers=2, wait=False)
+    deadline = time.monotonic() + 60
+    while True:
+        assert time.monotonic() < deadline, server.output()
+        try:
+            if requests.get(f"{server.url}/ready", timeout=2).status_code == 200:
+                break
+        except requests.ConnectionError:
+            time.sleep(0.05)
+    answers = [requests.get(f"{server.url}/ready", timeout=5) for _ in range(40)]  # new connections
+    assert all(r.status_code == 200 and r.json()["ready"] for r in answers), [
+        r.text for r in answers if r.status_code != 200
+    ]
