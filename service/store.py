@@ -33,8 +33,9 @@ from typing import Any
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # the shipped one is 7 kB, its history included
 SCHEMA_VERSION = 1
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-_VERSION_RE = re.compile(r"^[1-9][0-9]{0,8}$")
+# Matched with fullmatch: re.match with "$" also takes a trailing newline.
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+_VERSION_RE = re.compile(r"[1-9][0-9]{0,8}")
 _HIGH_WATER = ".last_version"  # the highest version ever published, so none is reused
 
 
@@ -74,6 +75,14 @@ class VerificationError(StoreError):
     pass
 
 
+class PublishInterrupted(KeyboardInterrupt):
+    """Ctrl-C arrived after the version was renamed into place: it is published."""
+
+    def __init__(self, version: int):
+        super().__init__(version)
+        self.version = version
+
+
 # Normalization of pixels scaled to [0, 1]: a std outside this range is a broken manifest
 # (1e-300 passed a "positive" check and served confident nonsense).
 _MIN_STD, _MAX_STD = 1e-3, 1e3
@@ -84,7 +93,7 @@ def _is_number(value: Any) -> bool:
 
 
 def validate_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise StoreError(f"invalid model name {name!r}: use lowercase letters, digits, '-' or '_'")
     return name
 
@@ -190,7 +199,9 @@ class ModelStore:
     def models(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _NAME_RE.match(p.name))
+        return sorted(
+            p.name for p in self.root.iterdir() if p.is_dir() and _NAME_RE.fullmatch(p.name)
+        )
 
     def versions(self, name: str) -> list[int]:
         """The published versions, ascending. A version folder that cannot be read is
@@ -200,7 +211,7 @@ class ModelStore:
         try:
             if not folder.is_dir():
                 return []
-            candidates = [p for p in folder.iterdir() if _VERSION_RE.match(p.name)]
+            candidates = [p for p in folder.iterdir() if _VERSION_RE.fullmatch(p.name)]
         except OSError as exc:
             raise StoreError(f"cannot list {folder}: {exc}") from exc
         return sorted(int(p.name) for p in candidates if _has_manifest(p))
@@ -228,6 +239,8 @@ class ModelStore:
         if version is None:
             versions = self.versions(name)
             if not versions:
+                if not self.root.is_dir():
+                    raise ModelNotFound(f"the model store {self.root} is not a folder")
                 raise ModelNotFound(f"no published version of model {name!r} in {self.root}")
             version = versions[-1]
         return self.get(name, version)
@@ -260,7 +273,12 @@ class ModelStore:
         left is harmless, and removed by a later publish once it is an hour old.
         """
         folder = self.check_writable(name)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder))
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder))
+        except OSError as exc:
+            raise StoreError(f"could not publish {name!r} in {folder}: {exc}") from exc
+        published = False
         try:
             files = write_artifacts(tmp)
             artifacts = {
@@ -282,8 +300,17 @@ class ModelStore:
                 _fsync_tree(tmp)
                 os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; readers may be another user
                 os.rename(tmp, folder / str(version))
+                published = True
                 _fsync_dir(folder)
         except BaseException as exc:
+            if published:  # live already: say so rather than "nothing was published"
+                if isinstance(exc, KeyboardInterrupt):
+                    raise PublishInterrupted(version) from exc
+                if isinstance(exc, OSError):
+                    raise StoreError(
+                        f"{name!r} v{version} is published, but flushing {folder} failed: {exc}"
+                    ) from exc
+                raise
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(exc, OSError):
                 raise StoreError(f"could not publish {name!r} in {folder}: {exc}") from exc
@@ -291,12 +318,17 @@ class ModelStore:
         return self.get(name, version)
 
     def check_writable(self, name: str) -> Path:
-        """The model's folder, made if needed; StoreError if a version could not be
-        published there (a bad name, a read-only or missing store)."""
+        """The model's folder; StoreError if a version could not be published there
+        (a bad name, a read-only store, a file in the way). Nothing is created: a
+        run that fails later leaves no empty model folder behind."""
         folder = self.root / validate_name(name)
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            tempfile.TemporaryFile(dir=folder).close()
+            existing = folder
+            while not existing.exists():  # publish makes the missing folders
+                existing = existing.parent
+            if not existing.is_dir():
+                raise NotADirectoryError(f"{existing} is not a folder")
+            tempfile.TemporaryFile(dir=existing).close()
         except OSError as exc:
             raise StoreError(f"cannot publish into {folder}: {exc}") from exc
         return folder
@@ -305,11 +337,16 @@ class ModelStore:
     def _next_version(folder: Path) -> int:
         """One above every version folder (complete or not) and every version ever
         published (the high-water mark), so a deleted version's number is never reused."""
-        taken = [int(p.name) for p in folder.iterdir() if _VERSION_RE.match(p.name)]
+        taken = [int(p.name) for p in folder.iterdir() if _VERSION_RE.fullmatch(p.name)]
         with contextlib.suppress(OSError, ValueError):
             taken.append(int((folder / _HIGH_WATER).read_text().strip()))
         version = max(taken, default=0) + 1
-        (folder / _HIGH_WATER).write_text(f"{version}\n")
+        part = folder / f"{_HIGH_WATER}.part"  # replaced whole: a crash never truncates it
+        with open(part, "w") as f:
+            f.write(f"{version}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(part, folder / _HIGH_WATER)
         return version
 
     def clean_stale_temp(self, name: str, older_than: float = 0.0) -> None:

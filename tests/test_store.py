@@ -14,13 +14,16 @@ from pathlib import Path
 
 import pytest
 
+from service import store as store_module
 from service.store import (
     ManifestError,
     ModelNotFound,
     ModelStore,
+    PublishInterrupted,
     StoreError,
     VerificationError,
     validate_manifest,
+    validate_name,
 )
 
 BASE_MANIFEST = {
@@ -258,3 +261,55 @@ def test_concurrent_publishers_get_distinct_versions(tmp_path):
     assert store.versions("m") == versions
     for v in versions:
         store.get("m", v).verify()
+
+
+def test_names_and_versions_with_a_trailing_newline_are_not_taken(tmp_path):
+    with pytest.raises(StoreError, match="invalid model name"):
+        validate_name("mnist\n")
+    store = ModelStore(tmp_path)
+    store.publish("m", fake_artifacts(), BASE_MANIFEST)
+    shutil.copytree(tmp_path / "m" / "1", tmp_path / "m" / "2\n")
+    assert store.versions("m") == [1]
+    assert store.publish("m", fake_artifacts(), BASE_MANIFEST).version == 2
+
+
+def test_checking_a_store_creates_nothing_and_publish_makes_the_folders(tmp_path):
+    store = ModelStore(tmp_path / "new" / "store")
+    assert store.check_writable("m") == tmp_path / "new" / "store" / "m"
+    assert not (tmp_path / "new").exists()  # a run that fails later leaves nothing behind
+    assert store.publish("m", fake_artifacts(), BASE_MANIFEST).version == 1
+    with pytest.raises(ModelNotFound, match="is not a folder"):
+        ModelStore(tmp_path / "missing").resolve("m")
+
+
+def test_the_high_water_mark_is_replaced_whole(tmp_path):
+    store = ModelStore(tmp_path)
+    for _ in range(3):
+        store.publish("m", fake_artifacts(), BASE_MANIFEST)
+    assert (tmp_path / "m" / ".last_version").read_text() == "3\n"
+    assert not list((tmp_path / "m").glob(".last_version.*"))
+
+
+def test_an_interrupt_after_the_rename_reports_the_version_as_published(tmp_path, monkeypatch):
+    store = ModelStore(tmp_path)
+    fsync_dir = store_module._fsync_dir
+
+    def interrupted(path):  # the model folder is flushed right after the rename
+        if Path(path) == tmp_path / "m":
+            raise KeyboardInterrupt
+        fsync_dir(path)
+
+    monkeypatch.setattr(store_module, "_fsync_dir", interrupted)
+    with pytest.raises(PublishInterrupted) as exc:
+        store.publish("m", fake_artifacts(), BASE_MANIFEST)
+    assert exc.value.version == 1 and store.versions("m") == [1]
+
+    def failing(path):
+        if Path(path) == tmp_path / "m":
+            raise OSError(5, "Input/output error")
+        fsync_dir(path)
+
+    monkeypatch.setattr(store_module, "_fsync_dir", failing)
+    with pytest.raises(StoreError, match="'m' v2 is published, but flushing"):
+        store.publish("m", fake_artifacts(), BASE_MANIFEST)
+    assert store.versions("m") == [1, 2]
