@@ -329,16 +329,9 @@ class InferenceEngine:
         from service import model as serving  # mxnet is imported on this thread only
 
         try:
-            loaded = serving.load(mv)
-            # A forward at load time: a version that cannot run is refused now,
-            # not on the first request (also warms up the static allocation).
-            shape = [1 if d < 0 else d for d in mv.manifest["input"]["shape"]]
-            outputs = loaded.predict(np.zeros(shape, dtype=np.float32)).shape[-1]
-            labels = len(mv.manifest["labels"])
-            if outputs != labels:
-                raise ValueError(f"the model has {outputs} outputs, the manifest {labels} labels")
+            loaded = serving.load(mv)  # verified, loaded and self-tested
         except Exception as exc:
-            reason = _reason(exc)
+            reason = serving.failure_reason(exc)
             self._refuse(mv.version, reason)
             raise errors.Conflict(
                 f"{mv.name} v{mv.version} was refused: {reason}", code="version_refused"
@@ -419,14 +412,3 @@ class InferenceEngine:
             if self.load_error is None:
                 self.load_error = f"no loadable version of {self.name!r} in {self.store.root}"
             log.warning("nothing to serve yet: %s", self.load_error)
-
-
-def _reason(exc: BaseException) -> str:
-    """One line saying why a load failed. MXNetError's text starts with a C++
-    traceback header; its cause is on the last line."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    line = lines[-1] if lines[0].startswith("Traceback") else lines[0]
-    name = type(exc).__name__
-    return (line if line.startswith(name) else f"{name}: {line}")[:500]

@@ -50,6 +50,20 @@ class LoadedModel:
         """
         return self.block(mx.nd.array(batch, dtype="float32")).asnumpy()
 
+    def self_test(self) -> None:
+        """One forward on a blank input: a version that cannot run, whose outputs do not
+        match its labels, or that answers NaN (a diverged training run) fails here, at
+        load time, instead of on requests. Also warms up the static allocation."""
+        shape = [1 if d < 0 else d for d in self.manifest["input"]["shape"]]
+        probs = self.predict(np.zeros(shape, dtype=np.float32))
+        labels = len(self.manifest["labels"])
+        if probs.shape[-1] != labels:
+            raise ValueError(
+                f"the model has {probs.shape[-1]} outputs, the manifest {labels} labels"
+            )
+        if not np.isfinite(probs).all():
+            raise ValueError("the model's outputs are not finite (NaN or infinity)")
+
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities (softmax of the logits), float64 rows summing to 1."""
         logits = self.logits(batch).astype(np.float64)
@@ -59,10 +73,11 @@ class LoadedModel:
 
 
 def load(version: ModelVersion, ctx: mx.Context | None = None) -> LoadedModel:
-    """Verify the artifacts' sha256, then ``SymbolBlock.imports`` them.
+    """Verify the artifacts' sha256, ``SymbolBlock.imports`` them and self-test.
 
     Raises store.VerificationError for a corrupt version and mxnet.MXNetError
-    (or ValueError/OSError) for files MXNet cannot load.
+    (or ValueError/OSError) for files MXNet cannot load or a model that cannot
+    serve; ``failure_reason`` says why in one line.
     """
     version.verify()
     input_name = version.manifest["input"]["name"]
@@ -72,5 +87,18 @@ def load(version: ModelVersion, ctx: mx.Context | None = None) -> LoadedModel:
             str(version.symbol_file), [input_name], str(version.params_file), ctx=ctx or mx.cpu()
         )
     block.hybridize(static_alloc=True)
+    loaded = LoadedModel(version, block)
+    loaded.self_test()
     log.info("loaded model %s v%d from %s", version.name, version.version, version.path)
-    return LoadedModel(version, block)
+    return loaded
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line saying why a load failed. MXNetError's text starts with a C++
+    traceback header; its cause is on the last line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    line = lines[-1] if lines[0].startswith("Traceback") else lines[0]
+    name = type(exc).__name__
+    return (line if line.startswith(name) else f"{name}: {line}")[:500]

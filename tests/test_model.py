@@ -22,6 +22,10 @@ from training.train import TrainConfig, seed_everything, train
 from .conftest import ROOT
 
 
+def run(command: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
 def _layers(net) -> list[str]:
     return [type(block).__name__ for block in net._children.values()]
 
@@ -121,7 +125,7 @@ def test_trained_net_equals_its_export(sample_train, sample_test, tmp_path):
 def test_evaluate_cli_matches_the_manifest(tiny_store):
     from service.config import REPO_ROOT
 
-    proc = subprocess.run(
+    proc = run(
         [
             sys.executable,
             "-m",
@@ -131,23 +135,15 @@ def test_evaluate_cli_matches_the_manifest(tiny_store):
             str(tiny_store.root),
             "--data-dir",
             str(REPO_ROOT / "tests/data/mnist-sample"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
+        ]
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "test accuracy" in proc.stdout and ": match" in proc.stdout
 
 
 def test_evaluate_matches_manifest_on_the_shipped_model(shipped_store, full_test):
-    proc = subprocess.run(
-        [sys.executable, "-m", "training.evaluate", "mnist", "--store", str(shipped_store.root)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = run(
+        [sys.executable, "-m", "training.evaluate", "mnist", "--store", str(shipped_store.root)]
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "match" in proc.stdout
@@ -188,23 +184,156 @@ def test_ctrl_c_during_training_publishes_nothing(tmp_path):
         proc.kill()
     assert proc.returncode == 130, err
     assert "nothing was published" in err and "Traceback" not in err
-    assert not (tmp_path / "mnist").exists() or not any(
-        p.name.isdigit() for p in (tmp_path / "mnist").iterdir()
-    )
+    assert not (tmp_path / "mnist").exists()  # not even an empty model folder
+
+
+def test_ctrl_c_after_the_version_went_live_says_so(tmp_path, monkeypatch, capsys):
+    from service.store import PublishInterrupted
+    from training import train as train_module
+
+    def published_then_interrupted(*args, **kwargs):
+        raise PublishInterrupted(7)
+
+    monkeypatch.setattr(train_module, "load_split", lambda *args: None)
+    monkeypatch.setattr(train_module, "train", lambda *args, **kwargs: None)
+    monkeypatch.setattr(train_module, "publish", published_then_interrupted)
+    assert train_module.main(["--store", str(tmp_path)]) == 130
+    assert "interrupted, but mnist v7 was already published" in capsys.readouterr().err
 
 
 def test_a_model_below_min_accuracy_is_not_published(tmp_path):
-    proc = subprocess.run(
+    proc = run(
         sample_training(
             tmp_path, "--epochs", "1", "--limit-train", "300", "--min-accuracy", "0.999"
-        ),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        )
     )
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "is below --min-accuracy 99.9000%: nothing was published" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert ModelStore(tmp_path).versions("mnist") == []
     assert [p.name for p in (tmp_path / "mnist").iterdir() if p.name.startswith(".tmp-")] == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--lr", "nan"], "argument --lr: 'nan' is not a number above 0"),
+        (["--lr", "inf"], "argument --lr: 'inf' is not a number above 0"),
+        (["--lr", "0"], "argument --lr: '0' is not a number above 0"),
+        (["--weight-decay", "nan"], "argument --weight-decay: 'nan' is not a number of at least"),
+        (["--weight-decay=-1e-4"], "argument --weight-decay: '-1e-4' is not a number"),
+        (["--momentum", "1"], "argument --momentum: '1' is not a number from 0 up to"),
+        (["--momentum", "-0.5"], "argument --momentum: '-0.5' is not a number from 0"),
+        (["--warmup-epochs", "-1"], "argument --warmup-epochs: '-1' is not a number of at"),
+        (["--warmup-epochs", "inf"], "argument --warmup-epochs: 'inf' is not a number of at"),
+        (["--seed", "-1"], "argument --seed: '-1' is not an integer from 0 to 2**32 - 1"),
+        (["--seed", str(2**32)], "argument --seed: '4294967296' is not an integer from 0"),
+        (["--max-shift", "100000"], "argument --max-shift: '100000' is not an integer from 0"),
+        (["--limit-train", "0"], "argument --limit-train: '0' is not an integer of at least 1"),
+        (["--limit-train", "-5"], "argument --limit-train: '-5' is not an integer of at least 1"),
+        (["--epochs", "0"], "argument --epochs: '0' is not an integer of at least 1"),
+        (["--batch-size", "1.5"], "argument --batch-size: '1.5' is not an integer of at least 1"),
+        (["--dropout", "nan"], "argument --dropout: 'nan' is not a number from 0 up to"),
+        (["--min-accuracy", "99"], "argument --min-accuracy: '99' is not a fraction above 0"),
+        (["--min-accuracy", "nan"], "argument --min-accuracy: 'nan' is not a fraction"),
+    ],
+)
+def test_training_arguments_out_of_range_are_refused(capsys, args, message):
+    from training.train import parse_args
+
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(args)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_momentum_reaches_both_momentum_optimizers():
+    from training.train import make_trainer
+
+    net = build_net("mlp")
+    net.initialize()
+    for optimizer in ("sgd", "nag"):
+        cfg = TrainConfig(optimizer=optimizer, momentum=0.7)
+        assert make_trainer(net, cfg, 10)._optimizer.momentum == 0.7
+
+
+def test_a_diverged_run_stops_early_and_publishes_nothing(tmp_path):
+    proc = run(sample_training(tmp_path, "--epochs", "20", "--limit-train", "256", "--lr", "1e30"))
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "training diverged in epoch 1" in proc.stderr and "try a lower --lr" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "mnist").exists()
+
+
+def nan_net() -> gluon.HybridBlock:
+    net = build_net("mlp")
+    net.initialize()
+    net.hybridize()
+    net(mx.nd.zeros((1, 1, 28, 28)))
+    for param in net.collect_params().values():
+        param.set_data(mx.nd.full(param.shape, np.nan))
+    return net
+
+
+def test_nan_weights_are_never_exported(sample_test, tmp_path):
+    from training.train import Diverged, TrainResult, export_and_check
+
+    with pytest.raises(Diverged, match="holds NaN or infinity"):
+        export_and_check(TrainResult(nan_net(), 0.13, 0.31), tmp_path, "m", sample_test)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_export_that_cannot_be_written_is_a_store_error(sample_test, tmp_path, monkeypatch):
+    from service.store import StoreError
+    from training.train import TrainResult, export_and_check
+
+    net = build_net("mlp")
+    net.initialize()
+    net.hybridize()
+    net(mx.nd.zeros((1, 1, 28, 28)))
+
+    def full_disk(*args, **kwargs):  # what MXNet raises when the disk is full
+        raise mx.base.MXNetError(
+            "Traceback (most recent call last):\n  [bt] (0) libmxnet.so\n"
+            "  File src/io/local_filesys.cc, line 36\nCheck failed: nwrite == size (0 vs. 4096) : "
+            "FileStream.Write incomplete"
+        )
+
+    monkeypatch.setattr(net, "export", full_disk)
+    with pytest.raises(StoreError, match=r"could not export into .*FileStream\.Write incomplete"):
+        export_and_check(TrainResult(net, 0.13, 0.31), tmp_path, "m", sample_test)
+
+
+def test_a_nan_model_is_refused_at_load_and_by_evaluate(tiny_store, tmp_path):
+    """A NaN model published by other means: the service and evaluate refuse it."""
+    store = ModelStore(tmp_path / "store")
+    fields = ("name", "version", "artifacts", "schema_version")
+    manifest = {k: v for k, v in tiny_store.resolve("mnist").manifest.items() if k not in fields}
+
+    def write(folder: Path) -> dict[str, str]:
+        nan_net().export(str(folder / "mnist"), epoch=0)
+        return {"symbol": "mnist-symbol.json", "params": "mnist-0000.params"}
+
+    mv = store.publish("mnist", write, manifest)
+    with pytest.raises(ValueError, match="not finite"):
+        serving.load(mv)
+    proc = run(
+        [
+            *(sys.executable, "-m", "training.evaluate", "mnist", "--store", str(store.root)),
+            *("--data-dir", str(ROOT / "tests/data/mnist-sample")),
+        ]
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "v1 cannot be loaded: ValueError: the model's outputs are not finite" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("ref", ["mnist:²", "mnist:١", "mnist:0", "mnist:-1", "mnist:1\n"])
+def test_evaluate_takes_only_ascii_positive_versions(ref):
+    import argparse
+
+    from training.evaluate import parse_ref
+
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_ref(ref)
+    assert parse_ref("mnist:12") == ("mnist", 12) and parse_ref("mnist") == ("mnist", None)

@@ -19,7 +19,7 @@ import numpy as np
 
 from service import model as serving
 from service.config import Config
-from service.store import ModelStore, StoreError
+from service.store import ModelStore, StoreError, is_version
 from training.data import DataError, Split, load_split, to_input
 
 # The service's store unless told otherwise: $DIGITSERVE_STORE, else the repo's model_store/.
@@ -68,8 +68,8 @@ def format_confusion(confusion: np.ndarray) -> str:
 
 def parse_ref(ref: str) -> tuple[str, int | None]:
     name, _, version = ref.partition(":")
-    if version and not version.isdigit():
-        raise argparse.ArgumentTypeError(f"version in {ref!r} must be an integer")
+    if version and not is_version(version):  # ASCII digits: isdigit() also takes '²'
+        raise argparse.ArgumentTypeError(f"version in {ref!r} must be a positive integer")
     return name, int(version) if version else None
 
 
@@ -86,10 +86,17 @@ def main(argv: list[str] | None = None) -> int:
     name, version = args.model
     try:
         mv = ModelStore(args.store).resolve(name, version)
-        loaded = serving.load(mv)
         test = load_split("test", args.data_dir)
     except (StoreError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        loaded = serving.load(mv)
+    except Exception as exc:  # what the service would refuse, refused with its reason
+        print(
+            f"error: {name} v{mv.version} cannot be loaded: {serving.failure_reason(exc)}",
+            file=sys.stderr,
+        )
         return 2
     norm = mv.manifest["normalization"]
     result = evaluate(loaded.logits, test, norm["mean"], norm["std"])

@@ -7,19 +7,22 @@ The exported files are loaded back with ``SymbolBlock.imports`` and compared to
 the trained net before anything is published; the test metrics in the manifest
 are those of the exported model. Ctrl-C or an error publishes nothing, and
 ``--min-accuracy 0.99`` publishes only a model that reaches 99% (exit status 3
-otherwise), since a running service swaps to every new version.
+otherwise), since a running service swaps to every new version. A run whose loss goes
+to NaN stops at once and exits 3 as well; bad arguments or data exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import math
 import os
 import platform
 import shlex
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,13 +34,14 @@ with warnings.catch_warnings():
     import mxnet as mx
     from mxnet import autograd, gluon
 
-from service.store import ModelStore, ModelVersion, StoreError
+from service.store import ModelStore, ModelVersion, PublishInterrupted, StoreError
 from training.data import DataError, Split, batches, load_split, pixel_stats, to_input
 from training.evaluate import DEFAULT_STORE, evaluate
 from training.model import ARCHS, build_net
 
 INPUT_NAME = "data"
 EXPORT_TOLERANCE = 1e-5
+MAX_SHIFT = 14  # half the image: a larger shift can move a digit out of the frame
 
 
 @dataclass
@@ -54,8 +58,24 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine (with warmup) | constant
     warmup_epochs: float = 1.0
     max_shift: int = 2  # random-shift augmentation, pixels
-    seed: int = 42
+    seed: int = 42  # 0 to 2**32 - 1 (MXNet's and NumPy's seed range)
     limit_train: int | None = None  # train on the first N images (smoke runs)
+
+
+class NotPublished(Exception):
+    """The trained model failed a check before publishing; nothing was published."""
+
+
+class Diverged(NotPublished):
+    """The training loss went to NaN or infinity: the weights are lost."""
+
+
+class ExportMismatch(NotPublished):
+    """The exported model does not compute what the trained net computes."""
+
+
+class BelowMinimumAccuracy(NotPublished):
+    """The exported model scored below --min-accuracy."""
 
 
 @dataclass
@@ -77,7 +97,7 @@ def seed_everything(seed: int) -> np.random.Generator:
 def make_trainer(net: gluon.Block, cfg: TrainConfig, steps_per_epoch: int) -> gluon.Trainer:
     total = max(1, cfg.epochs * steps_per_epoch)
     params: dict = {"learning_rate": cfg.lr, "wd": cfg.weight_decay}
-    if cfg.optimizer == "sgd":
+    if cfg.optimizer in ("sgd", "nag"):  # adam has its own moment estimates
         params["momentum"] = cfg.momentum
     if cfg.schedule == "cosine":
         warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total - 1)
@@ -100,7 +120,7 @@ def train(
     log_epochs: bool = False,
 ) -> TrainResult:
     rng = seed_everything(cfg.seed)
-    if cfg.limit_train:
+    if cfg.limit_train is not None:
         train_split = Split(
             train_split.images[: cfg.limit_train],
             train_split.labels[: cfg.limit_train],
@@ -137,6 +157,11 @@ def train(
             loss.backward()
             trainer.step(len(y))
             loss_sum += float(loss.sum().asscalar())
+            if not math.isfinite(loss_sum):  # NaN weights never recover: stop now
+                raise Diverged(
+                    f"training diverged in epoch {epoch} (the loss is {loss_sum}) at "
+                    f"--lr {cfg.lr:g}: nothing was published; try a lower --lr"
+                )
             correct += int((out.argmax(axis=1).asnumpy() == y).sum())
             seen += len(y)
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
@@ -172,7 +197,14 @@ def export_and_check(
 ) -> tuple[dict[str, str], dict]:
     """Export into ``folder``, load it back as the service will, compare outputs and
     evaluate the exported model. Returns the artifact files and the metrics."""
-    result.net.export(str(folder / name), epoch=0)
+    for param_name, param in result.net.collect_params().items():
+        if not np.isfinite(param.data().asnumpy()).all():
+            raise Diverged(f"parameter {param_name} holds NaN or infinity: nothing was published")
+    try:
+        result.net.export(str(folder / name), epoch=0)
+    except (mx.base.MXNetError, OSError) as exc:  # a full disk comes as an MXNetError
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        raise StoreError(f"could not export into {folder}: {lines[-1] if lines else exc}") from exc
     files = {"symbol": f"{name}-symbol.json", "params": f"{name}-0000.params"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -185,9 +217,11 @@ def export_and_check(
             loaded(mx.nd.array(probe)).asnumpy() - result.net(mx.nd.array(probe)).asnumpy()
         ).max()
     )
-    if diff > EXPORT_TOLERANCE:
-        raise RuntimeError(f"exported model differs from the trained one by {diff:.2e}")
+    if not diff <= EXPORT_TOLERANCE:  # NaN-safe: NaN fails every comparison
+        raise ExportMismatch(f"exported model differs from the trained one by {diff:.2e}")
     test = evaluate(lambda b: loaded(mx.nd.array(b)).asnumpy(), test_split, result.mean, result.std)
+    if not math.isfinite(test.loss):
+        raise Diverged(f"the exported model's test loss is {test.loss}: nothing was published")
     metrics = {
         "test_accuracy": test.accuracy,
         "test_loss": test.loss,
@@ -213,7 +247,7 @@ def build_manifest(
             "seconds_per_epoch": result.train_seconds / max(1, cfg.epochs),
             "seconds_to_99": result.seconds_to_99,
             "train_images": len(train_split)
-            if not cfg.limit_train
+            if cfg.limit_train is None
             else min(cfg.limit_train, len(train_split)),
             "machine": f"{platform.machine()} {os.cpu_count()} cpus, {platform.system()}",
             "command": command,
@@ -221,10 +255,6 @@ def build_manifest(
         "data": {"md5": {**train_split.md5, **test_split.md5}},
         "history": result.history,
     }
-
-
-class BelowMinimumAccuracy(Exception):
-    """The exported model scored below --min-accuracy, so it was not published."""
 
 
 def publish(
@@ -254,6 +284,29 @@ def publish(
     return store.publish(name, write, manifest)
 
 
+def bounded(
+    convert: Callable[[str], float], ok: Callable[[float], bool], want: str
+) -> Callable[[str], float]:
+    """An argparse type: ``convert`` the text, then require a finite value that is ``ok``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {want}") from None
+        if not (math.isfinite(value) and ok(value)):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {want}")
+        return value
+
+    return parse
+
+
+POSITIVE_INT = bounded(int, lambda v: v >= 1, "an integer of at least 1")
+POSITIVE = bounded(float, lambda v: v > 0, "a number above 0")
+NON_NEGATIVE = bounded(float, lambda v: v >= 0, "a number of at least 0")
+BELOW_ONE = bounded(float, lambda v: 0 <= v < 1, "a number from 0 up to (not including) 1")
+
+
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainConfig]:
     d = TrainConfig()
     p = argparse.ArgumentParser(
@@ -263,25 +316,31 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainConfig]
     )
     p.add_argument("--arch", choices=ARCHS, default=d.arch)
     p.add_argument("--no-batch-norm", dest="batch_norm", action="store_false")
-    p.add_argument("--dropout", type=float, default=d.dropout)
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--optimizer", choices=("sgd", "adam", "nag"), default=d.optimizer)
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
-    p.add_argument("--momentum", type=float, default=d.momentum)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--dropout", type=BELOW_ONE, default=d.dropout)
+    p.add_argument("--epochs", type=POSITIVE_INT, default=d.epochs)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=d.batch_size)
+    p.add_argument("--optimizer", choices=("sgd", "nag", "adam"), default=d.optimizer)
+    p.add_argument("--lr", type=POSITIVE, default=d.lr, help="peak learning rate")
+    p.add_argument(
+        "--momentum", type=BELOW_ONE, default=d.momentum, help="for sgd and nag (adam: unused)"
+    )
+    p.add_argument("--weight-decay", type=NON_NEGATIVE, default=d.weight_decay)
     p.add_argument("--schedule", choices=("cosine", "constant"), default=d.schedule)
-    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
+    p.add_argument("--warmup-epochs", type=NON_NEGATIVE, default=d.warmup_epochs)
     p.add_argument(
         "--max-shift",
-        type=int,
+        type=bounded(int, lambda v: 0 <= v <= MAX_SHIFT, f"an integer from 0 to {MAX_SHIFT}"),
         default=d.max_shift,
         help="random-shift augmentation in pixels (0: off)",
     )
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--seed",
+        type=bounded(int, lambda v: 0 <= v < 2**32, "an integer from 0 to 2**32 - 1"),
+        default=d.seed,
+    )
     p.add_argument(
         "--limit-train",
-        type=int,
+        type=POSITIVE_INT,
         default=None,
         help="train on the first N training images only (quick runs)",
     )
@@ -290,21 +349,14 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainConfig]
     p.add_argument("--name", default="mnist", help="model name in the store")
     p.add_argument(
         "--min-accuracy",
-        type=float,
+        type=bounded(float, lambda v: 0 < v <= 1, "a fraction above 0 and at most 1, e.g. 0.99"),
         default=None,
         help="publish only if the exported model's test accuracy reaches this "
         "fraction (e.g. 0.99); exit status 3 otherwise",
     )
     p.add_argument("--no-progress", dest="progress", action="store_false")
     args = p.parse_args(argv)
-    cfg = TrainConfig(**{k: getattr(args, k) for k in vars(d)})
-    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
-        p.error("--epochs, --batch-size and --lr must be positive")
-    if not 0 <= cfg.dropout < 1:
-        p.error("--dropout must be at least 0 and below 1")
-    if args.min_accuracy is not None and not 0 < args.min_accuracy <= 1:
-        p.error("--min-accuracy must be a fraction above 0 and at most 1, e.g. 0.99")
-    return args, cfg
+    return args, TrainConfig(**{k: getattr(args, k) for k in vars(d)})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -324,9 +376,12 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except BelowMinimumAccuracy as exc:
+    except NotPublished as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
+    except PublishInterrupted as exc:
+        print(f"interrupted, but {args.name} v{exc.version} was already published", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("interrupted: nothing was published", file=sys.stderr)
         return 130
