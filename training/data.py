@@ -12,10 +12,13 @@ import contextlib
 import gzip
 import hashlib
 import http.client
+import math
 import os
+import re
 import struct
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,25 +72,34 @@ def default_data_dir() -> Path:
 
 def _read_raw(folder: Path, stem: str) -> bytes | None:
     for path in (folder / stem, folder / f"{stem}.gz"):
-        if path.is_file():
-            try:
-                raw = path.read_bytes()
-            except OSError as exc:
-                raise DataError(f"cannot read {path} ({exc})") from exc
-            try:
-                return gzip.decompress(raw) if path.suffix == ".gz" else raw
-            except (OSError, EOFError) as exc:
-                raise DataError(f"{path} is not a readable gzip file ({exc})") from exc
+        try:
+            if not path.exists():
+                continue
+            if not path.is_file():
+                raise DataError(f"{path} is not a file")
+            raw = path.read_bytes()
+        except OSError as exc:  # e.g. a folder that may not be searched
+            raise DataError(f"cannot read {path} ({exc})") from exc
+        try:
+            return gzip.decompress(raw) if path.suffix == ".gz" else raw
+        except (OSError, EOFError, zlib.error) as exc:
+            raise DataError(f"{path} is not a readable gzip file ({exc})") from exc
     return None
 
 
-def _download(folder: Path, stem: str, timeout: float) -> bytes | None:
-    errors = []
+def _download(folder: Path, stem: str, timeout: float) -> tuple[bytes | None, list[str]]:
+    """The file from the first mirror that serves it intact, and what each mirror failed with."""
+    errors: list[str] = []
     for mirror in MIRRORS:
         try:
             with urllib.request.urlopen(f"{mirror}{stem}.gz", timeout=timeout) as resp:
                 raw = gzip.decompress(resp.read())
-        except (OSError, EOFError, http.client.HTTPException) as exc:  # URLError, timeouts,
+        except (
+            OSError,
+            EOFError,
+            zlib.error,
+            http.client.HTTPException,
+        ) as exc:  # URLError, timeouts,
             errors.append(f"{mirror}: {exc}")  # a cut connection (IncompleteRead), bad gzip
             continue
         if hashlib.md5(raw).hexdigest() != MNIST_MD5[stem]:
@@ -98,18 +110,27 @@ def _download(folder: Path, stem: str, timeout: float) -> bytes | None:
             tmp = folder / f".{stem}.gz.part"
             tmp.write_bytes(gzip.compress(raw))
             tmp.rename(folder / f"{stem}.gz")
-        return raw
-    return None
+        return raw, errors
+    return None, errors
+
+
+IMAGE_SHAPE = (28, 28)
+NUM_CLASSES = 10
 
 
 def _parse_idx(raw: bytes, stem: str, ndim: int) -> np.ndarray:
+    """An IDX file of unsigned bytes: images (N, 28, 28) for ndim 3, labels (N,) for 1."""
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise DataError(f"{stem}: too short for an IDX file")
     magic, *dims = struct.unpack(f">{1 + ndim}I", raw[:header])
     if magic != 0x0800 + ndim:  # 0x08 = unsigned byte
         raise DataError(f"{stem}: bad IDX magic {magic:#x}")
-    count = int(np.prod(dims))
+    if ndim == 3 and tuple(dims[1:]) != IMAGE_SHAPE:
+        raise DataError(f"{stem}: images are {dims[1]}x{dims[2]}, MNIST's are 28x28")
+    if dims[0] == 0:
+        raise DataError(f"{stem}: the file holds no items")
+    count = math.prod(dims)  # Python ints: header values cannot overflow it
     if len(raw) != header + count:
         raise DataError(f"{stem}: {len(raw) - header} data bytes, header promises {count}")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
@@ -129,36 +150,63 @@ def load_split(
     a missing file raises DataError."""
     folder = Path(data_dir) if data_dir is not None else default_data_dir()
     if checksums == "auto":
-        checksums = read_md5sums(folder) if (folder / "MD5SUMS").is_file() else MNIST_MD5
+        try:
+            has_sums = (folder / "MD5SUMS").exists()
+        except OSError as exc:  # e.g. a folder that may not be searched
+            raise DataError(f"cannot look into {folder} ({exc})") from exc
+        checksums = read_md5sums(folder) if has_sums else MNIST_MD5
     arrays, md5 = [], {}
     for stem, ndim in zip(FILES[split], (3, 1), strict=True):
-        raw = _read_raw(folder, stem)
+        raw, failures = _read_raw(folder, stem), []
         if raw is None and download:
-            raw = _download(folder, stem, timeout)
+            raw, failures = _download(folder, stem, timeout)
         if raw is None:
+            tried = f" (tried {'; '.join(failures)})" if failures else ""
             raise DataError(
-                f"MNIST file {stem}[.gz] not found in {folder} and could not be downloaded. "
-                f"Put the four IDX files there, or point ${ENV_VAR} (or --data-dir) at a folder "
-                "that has them."
+                f"MNIST file {stem}[.gz] not found in {folder} and could not be downloaded"
+                f"{tried}. Put the four IDX files there, or point ${ENV_VAR} (or --data-dir) at "
+                "a folder that has them."
             )
         md5[stem] = hashlib.md5(raw).hexdigest()
-        if checksums is not None and md5[stem] != checksums.get(stem):
+        if checksums is not None and stem not in checksums:
+            raise DataError(f"{folder / 'MD5SUMS'} has no checksum for {stem}")
+        if checksums is not None and md5[stem] != checksums[stem]:
             raise DataError(
                 f"{folder / stem}: MD5 {md5[stem]} does not match the expected "
-                f"{checksums.get(stem)}; the file is corrupt or not MNIST. Replace it, or point "
+                f"{checksums[stem]}; the file is corrupt or not MNIST. Replace it, or point "
                 f"${ENV_VAR} (or --data-dir) at a good copy."
             )
         arrays.append(_parse_idx(raw, stem, ndim))
     images, labels = arrays
     if len(images) != len(labels):
         raise DataError(f"{folder}: {len(images)} images but {len(labels)} labels")
+    if labels.max() >= NUM_CLASSES:
+        raise DataError(
+            f"{folder / FILES[split][1]}: label {labels.max()} found; MNIST's are 0 to 9"
+        )
     return Split(images, labels.astype(np.int32), md5)
 
 
+_MD5SUMS_LINE = re.compile(r"([0-9a-fA-F]{32}) [ *](\S+)")  # md5sum's text and binary modes
+
+
 def read_md5sums(folder: str | os.PathLike[str]) -> dict[str, str]:
-    """Checksums from an ``MD5SUMS`` file (``<md5>  <stem>`` lines), as the test sample ships."""
-    lines = (Path(folder) / "MD5SUMS").read_text().split("\n")
-    return {stem: md5 for md5, stem in (line.split() for line in lines if line.strip())}
+    """Checksums from an ``MD5SUMS`` file as ``md5sum`` writes it (``<md5>  <stem>``),
+    as the test sample ships. DataError if it cannot be read or a line is not one."""
+    path = Path(folder) / "MD5SUMS"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read {path} ({exc})") from exc
+    sums = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        match = _MD5SUMS_LINE.fullmatch(line.strip())
+        if match is None:
+            raise DataError(f"{path}, line {number}: not '<md5>  <file name>': {line[:80]!r}")
+        sums[match[2]] = match[1].lower()
+    return sums
 
 
 def pixel_stats(images: np.ndarray) -> tuple[float, float]:
