@@ -323,16 +323,20 @@ class InferenceEngine:
         if model is not None:
             self._loaded.move_to_end(version)
             return model
-        return self._load(self._manifest(version))  # Conflict if it was refused
+        signature = self._folder_signature(version)
+        return self._load(self._manifest(version), signature)  # Conflict if it was refused
 
-    def _load(self, mv: ModelVersion):
+    def _load(self, mv: ModelVersion, signature: tuple | None):
+        """``signature``: the folder as it was before its manifest was read. A refusal
+        that recorded the folder as it is after the failed load would never retry a
+        copy that completed meanwhile."""
         from service import model as serving  # mxnet is imported on this thread only
 
         try:
             loaded = serving.load(mv)  # verified, loaded and self-tested
         except Exception as exc:
             reason = serving.failure_reason(exc)
-            self._refuse(mv.version, reason)
+            self._refuse(mv.version, reason, signature)
             raise errors.Conflict(
                 f"{mv.name} v{mv.version} was refused: {reason}", code="version_refused"
             ) from exc
@@ -346,10 +350,11 @@ class InferenceEngine:
             del self._loaded[oldest]
         return loaded
 
-    def _refuse(self, version: int, reason: str) -> None:
-        """Never serve ``version`` (until /admin/reload, or until its folder changes)."""
+    def _refuse(self, version: int, reason: str, signature: tuple | None) -> None:
+        """Never serve ``version`` (until /admin/reload, or until its folder changes
+        from ``signature``, taken before the attempt that failed)."""
         self._refused[version] = reason
-        self._refused_as[version] = self._folder_signature(version)
+        self._refused_as[version] = signature
         metrics.MODEL_LOADS.labels(result="refused").inc()
         log.error("refusing %s v%d: %s", self.name, version, reason)
 
@@ -391,12 +396,14 @@ class InferenceEngine:
                 break
             if version in self._refused:
                 continue
+            signature = self._folder_signature(version)
             try:
                 mv = self._manifest(version)
-                self._load(mv)
+                self._load(mv, signature)
             except errors.ApiError as exc:
                 if isinstance(exc, errors.Conflict) and version not in self._refused:
-                    self._refuse(version, exc.message)  # a bad manifest; a missing one may come
+                    # a bad manifest (a missing one may still come)
+                    self._refuse(version, exc.message, signature)
                 if initial:
                     self.load_error = exc.message
                 continue
