@@ -15,9 +15,17 @@ from pathlib import Path
 
 import pytest
 import requests
+from hypothesis import settings
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.store import ModelStore
 from training.data import SHARED_DIR, Split, load_split, read_md5sums
+
+# No per-example deadline: a loaded 2-core machine stalls now and then. In CI, fixed
+# examples (a run is repeatable); elsewhere new ones each run, to keep finding bugs.
+settings.register_profile("local", deadline=None)
+settings.register_profile("ci", deadline=None, derandomize=True, database=None, print_blob=True)
+settings.load_profile("ci" if os.environ.get("CI") else "local")
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_DIR = ROOT / "tests" / "data" / "mnist-sample"
@@ -75,6 +83,7 @@ class Server:
     """A real gunicorn serving the app on 127.0.0.1, stopped by the fixture."""
 
     def __init__(self, env: dict[str, str], workers: int = 2):
+        self.workers = workers
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {
@@ -106,17 +115,47 @@ class Server:
         )
 
     def wait_ready(self, timeout: float = 60.0) -> None:
+        """Until /ready answers 200 and every worker serves a model: requests land on
+        any worker, so a test must not start while one of them is still loading."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gunicorn exited {self.proc.returncode}:\n{self.output()}")
             try:
-                if requests.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                # The socket accepts before a worker does: the read may wait for a load.
+                if requests.get(f"{self.url}/ready", timeout=(2, 30)).status_code == 200:
+                    self.wait_workers(timeout=deadline - time.monotonic())
                     return
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):
                 pass
             time.sleep(0.2)
         raise RuntimeError(f"gunicorn not ready after {timeout}s:\n{self.output()}")
+
+    def served_versions(self) -> dict[str, int]:
+        """pid -> the version each live worker serves (reported once it has loaded one)."""
+        text = requests.get(f"{self.url}/metrics", timeout=(2, 30)).text
+        return {
+            sample.labels["pid"]: int(sample.value)
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "digitserve_model_version"
+        }
+
+    def wait_workers(self, version: int | None = None, timeout: float = 30.0) -> None:
+        """Until all the workers serve a model (``version``, if given)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            served = self.served_versions()
+            if len(served) == self.workers and (
+                version is None or set(served.values()) == {version}
+            ):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"workers serve {served}, expected {self.workers} on "
+                    f"{version or 'any version'}:\n{self.output()}"
+                )
+            time.sleep(0.2)
 
     def worker_pids(self) -> set[int]:
         out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True)

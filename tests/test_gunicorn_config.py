@@ -148,9 +148,9 @@ def test_a_worker_takes_requests_only_once_its_start_up_load_is_done(start_serve
     while True:
         assert time.monotonic() < deadline, server.output()
         try:
-            if requests.get(f"{server.url}/ready", timeout=2).status_code == 200:
+            if requests.get(f"{server.url}/ready", timeout=(2, 30)).status_code == 200:
                 break
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):
             time.sleep(0.05)
     answers = [requests.get(f"{server.url}/ready", timeout=5) for _ in range(40)]  # new connections
     assert all(r.status_code == 200 and r.json()["ready"] for r in answers), [

@@ -92,7 +92,9 @@ def test_a_forward_pass_that_hangs_makes_the_engine_not_alive(make_engine, sampl
     original, release = model.predict, threading.Event()
     model.predict = lambda batch: release.wait(10) and original(batch)  # a stuck MXNet engine
     future = engine.submit(inputs(sample_test, mv, 1), mv.version)
-    threading.Event().wait(0.8)
+    deadline = time.monotonic() + 10
+    while not engine.stalled and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert engine.stalled and not engine.alive  # /health and /ready now fail
     release.set()
     assert future.result(10).probabilities.shape == (1, 10)
