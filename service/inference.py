@@ -147,6 +147,12 @@ class InferenceEngine:
             raise errors.Conflict(
                 f"{self.name} v{version} is unusable: {exc}", code="version_refused"
             ) from exc
+        except Exception as exc:  # whatever a version folder holds must not kill the engine
+            log.exception("reading %s v%d failed unexpectedly", self.name, version)
+            raise errors.Conflict(
+                f"{self.name} v{version} is unusable: {type(exc).__name__}",
+                code="version_refused",
+            ) from exc
         self._manifests[version] = mv
         return mv
 

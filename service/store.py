@@ -19,7 +19,6 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -84,8 +83,10 @@ class PublishInterrupted(KeyboardInterrupt):
 
 
 # Normalization of pixels scaled to [0, 1]: a std outside this range is a broken manifest
-# (1e-300 passed a "positive" check and served confident nonsense).
-_MIN_STD, _MAX_STD = 1e-3, 1e3
+# (1e-300 passed a "positive" check and served confident nonsense), and so is a mean
+# far outside the pixels' range (1e308 overflows float32: every input looks the same).
+MIN_STD, MAX_STD, MAX_MEAN = 1e-3, 1e3, 1e3
+_FILE_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}")  # a file in the version folder
 
 
 def _is_number(value: Any) -> bool:
@@ -108,6 +109,14 @@ def sha256_file(path: Path) -> str:
 
 def validate_manifest(data: Any, *, name: str | None = None, version: int | None = None) -> dict:
     """Check a manifest's shape; return it. Raises ManifestError naming the problem."""
+    try:
+        return _validate_manifest(data, name, version)
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:  # e.g. 10**400
+        problem = f"{type(exc).__name__}: {exc}"[:200]
+        raise ManifestError(f"manifest has a malformed value ({problem})") from exc
+
+
+def _validate_manifest(data: Any, name: str | None, version: int | None) -> dict:
     if not isinstance(data, dict):
         raise ManifestError("manifest is not a JSON object")
     for key, kind in REQUIRED_FIELDS.items():
@@ -126,29 +135,32 @@ def validate_manifest(data: Any, *, name: str | None = None, version: int | None
         isinstance(inp.get("name"), str)
         and isinstance(inp.get("shape"), list)
         and all(isinstance(d, int) for d in inp["shape"])
-        and isinstance(inp.get("dtype"), str)
+        and inp.get("dtype") == "float32"
     ):
-        raise ManifestError("manifest 'input' needs name, shape (list of int) and dtype")
+        raise ManifestError("manifest 'input' needs name, shape (list of int) and dtype float32")
     norm = data["normalization"]
     if not (
         all(_is_number(norm.get(k)) for k in ("mean", "std"))
-        and math.isfinite(norm["mean"])
-        and _MIN_STD <= norm["std"] <= _MAX_STD
+        and abs(norm["mean"]) <= MAX_MEAN
+        and MIN_STD <= norm["std"] <= MAX_STD
     ):
         raise ManifestError(
-            f"manifest 'normalization' needs a finite mean and a std in [{_MIN_STD}, {_MAX_STD}]"
+            f"manifest 'normalization' needs a mean in [-{MAX_MEAN}, {MAX_MEAN}] and a std "
+            f"in [{MIN_STD}, {MAX_STD}]"
         )
     labels = data["labels"]
     if not labels or not all(isinstance(label, str) and label for label in labels):
         raise ManifestError("manifest 'labels' must be a non-empty list of non-empty strings")
     arts = data["artifacts"]
     for role in ("symbol", "params"):
-        art = arts.get(role)
-        if not (isinstance(art, dict) and isinstance(art.get("file"), str)):
+        if role not in arts:
             raise ManifestError(f"manifest 'artifacts' lacks {role!r}")
+    for role, art in arts.items():  # every one is verified: every one must be well-formed
+        if not (isinstance(art, dict) and isinstance(art.get("file"), str)):
+            raise ManifestError(f"manifest artifact {role!r} needs a 'file'")
         if not re.fullmatch(r"[0-9a-f]{64}", str(art.get("sha256", ""))):
             raise ManifestError(f"manifest artifact {role!r} has no valid sha256")
-        if "/" in art["file"] or art["file"].startswith("."):
+        if not _FILE_RE.fullmatch(art["file"]):
             raise ManifestError(f"manifest artifact {role!r} points outside its version folder")
     return data
 
@@ -176,8 +188,9 @@ class ModelVersion:
             path = self.path / art["file"]
             try:
                 if not path.is_file():
+                    what = "is not a regular file" if os.path.lexists(path) else "is missing"
                     raise VerificationError(
-                        f"{self.name} v{self.version}: {role} file {path} missing"
+                        f"{self.name} v{self.version}: {role} file {path} {what}"
                     )
                 actual = sha256_file(path)
             except OSError as exc:
@@ -228,7 +241,8 @@ class ModelStore:
                     f"{manifest_path}: manifest is {size} bytes; the limit is {MAX_MANIFEST_BYTES}"
                 )
             data = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        # ValueError: also a number of over 4,300 digits; RecursionError: deep nesting
+        except (OSError, ValueError, RecursionError) as exc:
             raise ManifestError(f"{manifest_path}: unreadable manifest ({exc})") from exc
         return ModelVersion(
             name, version, path, validate_manifest(data, name=name, version=version)
@@ -240,7 +254,8 @@ class ModelStore:
             versions = self.versions(name)
             if not versions:
                 if not self.root.is_dir():
-                    raise ModelNotFound(f"the model store {self.root} is not a folder")
+                    what = "is not a folder" if os.path.lexists(self.root) else "does not exist"
+                    raise ModelNotFound(f"the model store {self.root} {what}")
                 raise ModelNotFound(f"no published version of model {name!r} in {self.root}")
             version = versions[-1]
         return self.get(name, version)
@@ -273,11 +288,8 @@ class ModelStore:
         left is harmless, and removed by a later publish once it is an hour old.
         """
         folder = self.check_writable(name)
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder))
-        except OSError as exc:
-            raise StoreError(f"could not publish {name!r} in {folder}: {exc}") from exc
+        made_folder = not folder.exists()
+        tmp = self._make_temp(name, folder)
         published = False
         try:
             files = write_artifacts(tmp)
@@ -285,23 +297,26 @@ class ModelStore:
                 role: {"file": fname, "sha256": sha256_file(tmp / fname)}
                 for role, fname in files.items()
             }
+            full = {
+                **manifest,
+                "schema_version": SCHEMA_VERSION,
+                "name": name,
+                "version": 1,  # numbered under the lock, once the manifest is known good
+                "artifacts": artifacts,
+            }
+            validate_manifest(full, name=name)
+            _to_json(full)  # refused now, before a version number is taken
             with self._lock(name):
                 self.clean_stale_temp(name, older_than=3600)
-                version = self._next_version(folder)
-                full = {
-                    **manifest,
-                    "schema_version": SCHEMA_VERSION,
-                    "name": name,
-                    "version": version,
-                    "artifacts": artifacts,
-                }
-                validate_manifest(full, name=name, version=version)
-                (tmp / MANIFEST).write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")
+                version = full["version"] = self._next_version(folder)
+                text = _to_json(full)
+                (tmp / MANIFEST).write_text(text, encoding="utf-8")
                 _fsync_tree(tmp)
                 os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; readers may be another user
                 os.rename(tmp, folder / str(version))
                 published = True
                 _fsync_dir(folder)
+            return self.get(name, version)
         except BaseException as exc:
             if published:  # live already: say so rather than "nothing was published"
                 if isinstance(exc, KeyboardInterrupt):
@@ -312,10 +327,28 @@ class ModelStore:
                     ) from exc
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
+            if made_folder:  # a first publish that failed leaves no empty model folder
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only if empty: another publisher may be in it
             if isinstance(exc, OSError):
                 raise StoreError(f"could not publish {name!r} in {folder}: {exc}") from exc
             raise
-        return self.get(name, version)
+
+    @staticmethod
+    def _make_temp(name: str, folder: Path) -> Path:
+        """A private temp folder in the model's folder (made if missing). Retried: a
+        publisher whose first publish failed may remove the empty folder meanwhile."""
+        error: OSError | None = None
+        for _ in range(3):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                return Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder))
+            except FileNotFoundError as exc:
+                error = exc
+            except OSError as exc:
+                error = exc
+                break
+        raise StoreError(f"could not publish {name!r} in {folder}: {error}") from error
 
     def check_writable(self, name: str) -> Path:
         """The model's folder; StoreError if a version could not be published there
@@ -324,9 +357,9 @@ class ModelStore:
         folder = self.root / validate_name(name)
         try:
             existing = folder
-            while not existing.exists():  # publish makes the missing folders
+            while not os.path.lexists(existing):  # publish makes the missing folders
                 existing = existing.parent
-            if not existing.is_dir():
+            if not existing.is_dir():  # also a dangling symlink or a symlink loop
                 raise NotADirectoryError(f"{existing} is not a folder")
             tempfile.TemporaryFile(dir=existing).close()
         except OSError as exc:
@@ -341,12 +374,19 @@ class ModelStore:
         with contextlib.suppress(OSError, ValueError):
             taken.append(int((folder / _HIGH_WATER).read_text().strip()))
         version = max(taken, default=0) + 1
+        if not is_version(str(version)):
+            raise StoreError(f"{folder} has used every version number up to {version - 1}")
         part = folder / f"{_HIGH_WATER}.part"  # replaced whole: a crash never truncates it
-        with open(part, "w") as f:
-            f.write(f"{version}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(part, folder / _HIGH_WATER)
+        try:
+            with open(part, "w") as f:
+                f.write(f"{version}\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(part, folder / _HIGH_WATER)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                part.unlink()
+            raise
         return version
 
     def clean_stale_temp(self, name: str, older_than: float = 0.0) -> None:
@@ -357,6 +397,14 @@ class ModelStore:
             with contextlib.suppress(OSError):
                 if p.stat().st_mtime <= cutoff:
                     shutil.rmtree(p, ignore_errors=True)
+
+
+def _to_json(manifest: dict) -> str:
+    """Strict JSON: a NaN or infinity (which json.dumps writes bare) is refused."""
+    try:
+        return json.dumps(manifest, indent=2, allow_nan=False) + "\n"
+    except ValueError as exc:
+        raise ManifestError(f"manifest holds a value JSON cannot represent ({exc})") from exc
 
 
 def _has_manifest(folder: Path) -> bool:

@@ -16,6 +16,7 @@ from prometheus_client import REGISTRY
 from service import errors
 from service.config import Config
 from service.inference import InferenceEngine
+from service.store import ModelStore
 from training.data import to_input
 
 
@@ -164,18 +165,32 @@ def test_bad_versions_are_refused_with_their_cause_logged_and_counted(tmp_path, 
     clone_version(root, 1, 3, lambda m: m.update(version=2))  # names another version
     (root / "mnist" / "4").mkdir()
     unloadable_version(root, 1, 5)
+    clone_version(root, 1, 6)
+    (root / "mnist" / "6" / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    clone_version(root, 1, 7)  # the store itself fails on it, unexpectedly
     before = refusals()
-    engine = InferenceEngine(Config(STORE=str(root), POLL_SECONDS=0)).start()
+    store = ModelStore(root)
+    real_get = store.get
+
+    def get(name, version):
+        if version == 7:
+            raise RuntimeError("a bug in the store")
+        return real_get(name, version)
+
+    store.get = get
+    engine = InferenceEngine(Config(STORE=str(root), POLL_SECONDS=0), store).start()
     try:
         assert engine.ready.wait(60) and engine.current.version == 1
         refused = engine.refused
-        assert set(refused) == {2, 3, 5}  # 4 has no manifest: not a version (yet)
+        assert set(refused) == {2, 3, 5, 6, 7}  # 4 has no manifest: not a version (yet)
         assert "the model has 10 outputs, the manifest 7 labels" in refused[2]
         assert "says version 2, folder says 3" in refused[3]
         assert "Invalid NDArray file format" in refused[5]  # the cause, not "Traceback"
-        assert refusals() - before == 3
+        assert "unreadable manifest" in refused[6]  # deep nesting: not a RecursionError
+        assert "is unusable: RuntimeError" in refused[7]  # and the engine thread lives on
+        assert engine.alive and refusals() - before == 5
         logged = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-        assert all(any(f"refusing mnist v{v}" in m for m in logged) for v in (2, 3, 5))
+        assert all(any(f"refusing mnist v{v}" in m for m in logged) for v in (2, 3, 5, 6, 7))
     finally:
         engine.stop()
 

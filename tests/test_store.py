@@ -71,8 +71,14 @@ def test_corrupt_params_fail_verification(tmp_path):
     with pytest.raises(VerificationError, match=r"params file m-0000\.params is corrupt"):
         mv.verify()
     mv.params_file.unlink()
-    with pytest.raises(VerificationError, match="missing"):
+    with pytest.raises(VerificationError, match="is missing"):
         mv.verify()
+    mv.params_file.mkdir()
+    with pytest.raises(VerificationError, match="is not a regular file"):
+        mv.verify()
+
+
+ZEROS = "0" * 64
 
 
 @pytest.mark.parametrize(
@@ -84,13 +90,20 @@ def test_corrupt_params_fail_verification(tmp_path):
         (lambda m: m.update(schema_version=99), "unsupported"),
         (lambda m: m["normalization"].update(std=0), "std in"),
         (lambda m: m["normalization"].update(std=1e-300), "std in"),
-        (lambda m: m["normalization"].update(mean=float("inf")), "finite mean"),
-        (lambda m: m["normalization"].update(mean=True), "finite mean"),
+        (lambda m: m["normalization"].update(mean=float("inf")), "a mean in"),
+        (lambda m: m["normalization"].update(mean=True), "a mean in"),
+        (lambda m: m["normalization"].update(mean=1e308), "a mean in"),  # inf in float32
+        (lambda m: m["normalization"].update(mean=10**400), "a mean in"),
+        (lambda m: m["input"].update(dtype="float16"), "dtype float32"),
+        (lambda m: m.update(labels=[[[]]] * 3), "list of non-empty strings"),
         (lambda m: m.update(labels=list(range(10))), "list of non-empty strings"),
         (lambda m: m.update(labels=["0", ""]), "list of non-empty strings"),
         (lambda m: m["input"].update(shape="28x28"), "'input'"),
         (lambda m: m["artifacts"]["params"].update(sha256="abc"), "sha256"),
         (lambda m: m["artifacts"]["params"].update(file="../../etc/passwd"), "outside"),
+        (lambda m: m["artifacts"].update(extra={"file": "/dev/zero", "sha256": ZEROS}), "outside"),
+        (lambda m: m["artifacts"].update(extra={"sha256": ZEROS}), "'extra' needs a 'file'"),
+        (lambda m: m["artifacts"].pop("symbol"), "lacks 'symbol'"),
         (lambda m: m.update(labels=[]), "empty"),
     ],
 )
@@ -278,7 +291,7 @@ def test_checking_a_store_creates_nothing_and_publish_makes_the_folders(tmp_path
     assert store.check_writable("m") == tmp_path / "new" / "store" / "m"
     assert not (tmp_path / "new").exists()  # a run that fails later leaves nothing behind
     assert store.publish("m", fake_artifacts(), BASE_MANIFEST).version == 1
-    with pytest.raises(ModelNotFound, match="is not a folder"):
+    with pytest.raises(ModelNotFound, match="does not exist"):
         ModelStore(tmp_path / "missing").resolve("m")
 
 
@@ -313,3 +326,46 @@ def test_an_interrupt_after_the_rename_reports_the_version_as_published(tmp_path
     with pytest.raises(StoreError, match="'m' v2 is published, but flushing"):
         store.publish("m", fake_artifacts(), BASE_MANIFEST)
     assert store.versions("m") == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "RecursionError|unreadable"),
+        ('{"version": ' + "9" * 5000 + "}", "unreadable"),
+        ('{"normalization": {"mean": 1' + "0" * 400 + ".0}}", "lacks"),
+    ],
+)
+def test_hostile_manifest_text_is_a_manifest_error(tmp_path, text, message):
+    mv = ModelStore(tmp_path).publish("m", fake_artifacts(), BASE_MANIFEST)
+    (mv.path / "manifest.json").write_text(text)
+    with pytest.raises(ManifestError, match=message):
+        ModelStore(tmp_path).get("m", 1)
+
+
+def test_a_manifest_with_nan_is_not_published_and_uses_no_number(tmp_path):
+    store = ModelStore(tmp_path)
+    with pytest.raises(ManifestError, match="JSON cannot represent"):
+        store.publish("m", fake_artifacts(), {**BASE_MANIFEST, "metrics": {"loss": float("nan")}})
+    with pytest.raises(ManifestError, match="std in"):
+        flat = {**BASE_MANIFEST, "normalization": {"mean": 0, "std": 0}}
+        store.publish("m", fake_artifacts(), flat)
+    assert not (tmp_path / "m").exists()  # nothing left, not even the model folder
+    assert store.publish("m", fake_artifacts(), BASE_MANIFEST).version == 1
+
+
+def test_the_version_numbers_run_out_cleanly(tmp_path):
+    store = ModelStore(tmp_path)
+    store.publish("m", fake_artifacts(), BASE_MANIFEST)
+    (tmp_path / "m" / ".last_version").write_text("999999999\n")
+    with pytest.raises(StoreError, match="used every version number up to 999999999"):
+        store.publish("m", fake_artifacts(), BASE_MANIFEST)
+    assert store.versions("m") == [1] and not list((tmp_path / "m").glob("1000000000"))
+
+
+@pytest.mark.parametrize("kind", ["dangling", "loop"])
+def test_a_broken_symlink_as_the_store_is_refused_before_any_work(tmp_path, kind):
+    link = tmp_path / "store"
+    link.symlink_to(tmp_path / ("nowhere" if kind == "dangling" else "store"))
+    with pytest.raises(StoreError, match="is not a folder"):
+        ModelStore(link).check_writable("m")
