@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import signal
 import subprocess
 import sys
+import types
 import warnings
 from pathlib import Path
 
@@ -195,10 +198,40 @@ def test_ctrl_c_after_the_version_went_live_says_so(tmp_path, monkeypatch, capsy
         raise PublishInterrupted(7)
 
     monkeypatch.setattr(train_module, "load_split", lambda *args: None)
+    monkeypatch.setattr(train_module, "doubtful_data", lambda *args: [])
     monkeypatch.setattr(train_module, "train", lambda *args, **kwargs: None)
     monkeypatch.setattr(train_module, "publish", published_then_interrupted)
     assert train_module.main(["--store", str(tmp_path)]) == 130
     assert "interrupted, but mnist v7 was already published" in capsys.readouterr().err
+
+    def interrupted(*args):  # Ctrl-C after publish() returned, while the result prints
+        raise KeyboardInterrupt
+
+    live = types.SimpleNamespace(name="mnist", version=8, path=tmp_path, manifest={})
+    monkeypatch.setattr(train_module, "publish", lambda *args, **kwargs: live)
+    monkeypatch.setattr(train_module, "describe_timing", interrupted)
+    live.manifest = {"metrics": {"test_accuracy": 0.99}, "training": {}}
+    assert train_module.main(["--store", str(tmp_path)]) == 130
+    assert "interrupted, but mnist v8 was already published" in capsys.readouterr().err
+
+
+def test_blank_training_images_are_a_data_error_before_training(sample_train, sample_test):
+    from training.data import DataError, Split
+    from training.train import doubtful_data
+
+    blank = Split(np.zeros((64, 28, 28), np.uint8), np.arange(64, dtype=np.int32) % 10, {})
+    with pytest.raises(DataError, match="almost no contrast"):
+        train(TrainConfig(epochs=1), blank, sample_test, progress=False)
+    images_md5 = sample_test.md5["t10k-images-idx3-ubyte"]
+    same = Split(
+        sample_test.images,
+        np.full(len(sample_test), 3, np.int32),
+        {"train-images-idx3-ubyte": images_md5},
+    )
+    doubts = doubtful_data(same, sample_test)
+    assert "the training and test images are the same file" in doubts[0]
+    assert doubts[1] == "the training labels hold only the classes [3]"
+    assert doubtful_data(sample_train, sample_test) == []
 
 
 def test_a_model_below_min_accuracy_is_not_published(tmp_path):
@@ -210,22 +243,27 @@ def test_a_model_below_min_accuracy_is_not_published(tmp_path):
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "is below --min-accuracy 99.9000%: nothing was published" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert ModelStore(tmp_path).versions("mnist") == []
-    assert [p.name for p in (tmp_path / "mnist").iterdir() if p.name.startswith(".tmp-")] == []
+    assert not (tmp_path / "mnist").exists()  # no version, no temp folder, no empty folder
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--lr", "nan"], "argument --lr: 'nan' is not a number above 0"),
-        (["--lr", "inf"], "argument --lr: 'inf' is not a number above 0"),
-        (["--lr", "0"], "argument --lr: '0' is not a number above 0"),
-        (["--weight-decay", "nan"], "argument --weight-decay: 'nan' is not a number of at least"),
+        (["--lr", "nan"], "argument --lr: 'nan' is not a number from 1e-30 to 1e30"),
+        (["--lr", "inf"], "argument --lr: 'inf' is not a number from 1e-30 to 1e30"),
+        (["--lr", "0"], "argument --lr: '0' is not a number from 1e-30"),
+        (["--lr", "1e39"], "argument --lr: '1e39' is not a number from 1e-30"),  # > float32
+        (["--lr", "1e-50"], "argument --lr: '1e-50' is not a number from 1e-30"),  # 0 in float32
+        (["--weight-decay", "nan"], "argument --weight-decay: 'nan' is not a number from 0 to"),
+        (["--weight-decay", "1e308"], "argument --weight-decay: '1e308' is not a number from 0"),
         (["--weight-decay=-1e-4"], "argument --weight-decay: '-1e-4' is not a number"),
         (["--momentum", "1"], "argument --momentum: '1' is not a number from 0 up to"),
         (["--momentum", "-0.5"], "argument --momentum: '-0.5' is not a number from 0"),
-        (["--warmup-epochs", "-1"], "argument --warmup-epochs: '-1' is not a number of at"),
-        (["--warmup-epochs", "inf"], "argument --warmup-epochs: 'inf' is not a number of at"),
+        (["--warmup-epochs", "-1"], "argument --warmup-epochs: '-1' is not a number from 0"),
+        (["--warmup-epochs", "inf"], "argument --warmup-epochs: 'inf' is not a number from 0"),
+        (["--warmup-epochs", "1e308"], "argument --warmup-epochs: '1e308' is not a number from"),
+        (["--store", ""], "argument --store: an empty path"),
+        (["--data-dir", " "], "argument --data-dir: an empty path"),
         (["--seed", "-1"], "argument --seed: '-1' is not an integer from 0 to 2**32 - 1"),
         (["--seed", str(2**32)], "argument --seed: '4294967296' is not an integer from 0"),
         (["--max-shift", "100000"], "argument --max-shift: '100000' is not an integer from 0"),
@@ -328,7 +366,36 @@ def test_a_nan_model_is_refused_at_load_and_by_evaluate(tiny_store, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("ref", ["mnist:²", "mnist:١", "mnist:0", "mnist:-1", "mnist:1\n"])
+@pytest.mark.parametrize(
+    ("edit", "status", "said"),
+    [
+        (lambda m: m["metrics"].update(test_loss=99.0), 1, "test_loss 99: MISMATCH"),
+        (lambda m: m["metrics"].update(confusion=[[0] * 10] * 10), 1, "confusion matrix: MISMATCH"),
+        (lambda m: m["metrics"].update(test_accuracy="0.25"), 2, "metrics.test_accuracy is not"),
+        (lambda m: m.update(metrics=[1]), 2, "its 'metrics' is not an object"),
+        (lambda m: m["metrics"].update(confusion="x"), 2, "not a matrix of counts"),
+        (lambda m: m.pop("metrics"), 0, "records no metrics: nothing to compare"),
+        (lambda m: m["data"]["md5"].update({"t10k-labels-idx1-ubyte": "0" * 32}), 0, "other test"),
+    ],
+)
+def test_evaluate_checks_every_recorded_metric(tiny_store, tmp_path, capsys, edit, status, said):
+    """Evaluated on the data it was trained with, a hand-edited record is caught."""
+    from training import evaluate
+
+    store_dir = shutil.copytree(tiny_store.root, tmp_path / "store")
+    manifest_path = store_dir / "mnist" / "1" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    edit(manifest)
+    manifest_path.write_text(json.dumps(manifest))
+    sample = str(ROOT / "tests/data/mnist-sample")
+    assert evaluate.main(["mnist:1", "--store", str(store_dir), "--data-dir", sample]) == status
+    out = capsys.readouterr()
+    assert said in out.out + out.err
+
+
+@pytest.mark.parametrize(
+    "ref", ["mnist:²", "mnist:١", "mnist:0", "mnist:-1", "mnist:1\n", "mnist:", "mnist:1000000000"]
+)
 def test_evaluate_takes_only_ascii_positive_versions(ref):
     import argparse
 

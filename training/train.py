@@ -22,7 +22,6 @@ import shlex
 import sys
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,8 +33,9 @@ with warnings.catch_warnings():
     import mxnet as mx
     from mxnet import autograd, gluon
 
-from service.store import ModelStore, ModelVersion, PublishInterrupted, StoreError
-from training.data import DataError, Split, batches, load_split, pixel_stats, to_input
+from service.store import MIN_STD, ModelStore, ModelVersion, PublishInterrupted, StoreError
+from training.cli import bounded, folder
+from training.data import FILES, DataError, Split, batches, load_split, pixel_stats, to_input
 from training.evaluate import DEFAULT_STORE, evaluate
 from training.model import ARCHS, build_net
 
@@ -127,6 +127,11 @@ def train(
             train_split.md5,
         )
     mean, std = pixel_stats(train_split.images)
+    if not std >= MIN_STD:  # blank images: normalizing by ~0 would give NaN or nonsense
+        raise DataError(
+            f"the training images have almost no contrast (pixel std {std:.2e}, at least "
+            f"{MIN_STD} is needed): they are blank or nearly so"
+        )
     net = build_net(cfg.arch, batch_norm=cfg.batch_norm, dropout=cfg.dropout)
     net.initialize(mx.init.Xavier(rnd_type="gaussian", factor_type="in", magnitude=2))
     net.hybridize(static_alloc=True, static_shape=True)
@@ -284,26 +289,11 @@ def publish(
     return store.publish(name, write, manifest)
 
 
-def bounded(
-    convert: Callable[[str], float], ok: Callable[[float], bool], want: str
-) -> Callable[[str], float]:
-    """An argparse type: ``convert`` the text, then require a finite value that is ``ok``."""
-
-    def parse(text: str) -> float:
-        try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {want}") from None
-        if not (math.isfinite(value) and ok(value)):
-            raise argparse.ArgumentTypeError(f"{text!r} is not {want}")
-        return value
-
-    return parse
-
-
 POSITIVE_INT = bounded(int, lambda v: v >= 1, "an integer of at least 1")
-POSITIVE = bounded(float, lambda v: v > 0, "a number above 0")
-NON_NEGATIVE = bounded(float, lambda v: v >= 0, "a number of at least 0")
+# Learning rate and weight decay reach MXNet as float32 (max ~3.4e38; below ~1e-38 is 0).
+RATE = bounded(float, lambda v: 1e-30 <= v <= 1e30, "a number from 1e-30 to 1e30")
+DECAY = bounded(float, lambda v: 0 <= v <= 1e30, "a number from 0 to 1e30")
+WARMUP = bounded(float, lambda v: 0 <= v <= 1e6, "a number from 0 to 1e6")
 BELOW_ONE = bounded(float, lambda v: 0 <= v < 1, "a number from 0 up to (not including) 1")
 
 
@@ -320,13 +310,13 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainConfig]
     p.add_argument("--epochs", type=POSITIVE_INT, default=d.epochs)
     p.add_argument("--batch-size", type=POSITIVE_INT, default=d.batch_size)
     p.add_argument("--optimizer", choices=("sgd", "nag", "adam"), default=d.optimizer)
-    p.add_argument("--lr", type=POSITIVE, default=d.lr, help="peak learning rate")
+    p.add_argument("--lr", type=RATE, default=d.lr, help="peak learning rate")
     p.add_argument(
         "--momentum", type=BELOW_ONE, default=d.momentum, help="for sgd and nag (adam: unused)"
     )
-    p.add_argument("--weight-decay", type=NON_NEGATIVE, default=d.weight_decay)
+    p.add_argument("--weight-decay", type=DECAY, default=d.weight_decay)
     p.add_argument("--schedule", choices=("cosine", "constant"), default=d.schedule)
-    p.add_argument("--warmup-epochs", type=NON_NEGATIVE, default=d.warmup_epochs)
+    p.add_argument("--warmup-epochs", type=WARMUP, default=d.warmup_epochs)
     p.add_argument(
         "--max-shift",
         type=bounded(int, lambda v: 0 <= v <= MAX_SHIFT, f"an integer from 0 to {MAX_SHIFT}"),
@@ -344,8 +334,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainConfig]
         default=None,
         help="train on the first N training images only (quick runs)",
     )
-    p.add_argument("--data-dir", default=None, help="MNIST IDX folder (else $MNIST_DIR, ...)")
-    p.add_argument("--store", default=DEFAULT_STORE, help="model store folder")
+    p.add_argument(
+        "--data-dir", type=folder, default=None, help="MNIST IDX folder (else $MNIST_DIR, ...)"
+    )
+    p.add_argument("--store", type=folder, default=DEFAULT_STORE, help="model store folder")
     p.add_argument("--name", default="mnist", help="model name in the store")
     p.add_argument(
         "--min-accuracy",
@@ -364,14 +356,22 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(
         ["python", "-m", "training.train", *(sys.argv[1:] if argv is None else argv)]
     )
+    version = None
     try:
         store = ModelStore(args.store)
         store.check_writable(args.name)  # before minutes of training, not after
         train_split = load_split("train", args.data_dir)
         test_split = load_split("test", args.data_dir)
+        for warning in doubtful_data(train_split, test_split):
+            print(f"warning: {warning}", file=sys.stderr)
         result = train(cfg, train_split, test_split, progress=args.progress, log_epochs=True)
         version = publish(
             store, args.name, cfg, result, train_split, test_split, command, args.min_accuracy
+        )
+        m = version.manifest
+        print(
+            f"published {version.name} v{version.version} at {version.path}: test accuracy "
+            f"{m['metrics']['test_accuracy']:.4%}, {describe_timing(m['training'])}"
         )
     except (DataError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -379,18 +379,36 @@ def main(argv: list[str] | None = None) -> int:
     except NotPublished as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
-    except PublishInterrupted as exc:
-        print(f"interrupted, but {args.name} v{exc.version} was already published", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        live = (
+            exc.version
+            if isinstance(exc, PublishInterrupted)
+            else getattr(version, "version", None)
+        )
+        if live is None:
+            print("interrupted: nothing was published", file=sys.stderr)
+        else:
+            print(f"interrupted, but {args.name} v{live} was already published", file=sys.stderr)
         return 130
-    except KeyboardInterrupt:
-        print("interrupted: nothing was published", file=sys.stderr)
-        return 130
-    m = version.manifest
-    print(
-        f"published {version.name} v{version.version} at {version.path}: test accuracy "
-        f"{m['metrics']['test_accuracy']:.4%}, {describe_timing(m['training'])}"
-    )
     return 0
+
+
+def doubtful_data(train_split: Split, test_split: Split) -> list[str]:
+    """What is legal (a custom set with its own MD5SUMS) but most likely a mistake."""
+    doubts = []
+    train_md5, test_md5 = (
+        train_split.md5.get(FILES["train"][0]),
+        test_split.md5.get(FILES["test"][0]),
+    )
+    if train_md5 is not None and train_md5 == test_md5:
+        doubts.append(
+            "the training and test images are the same file: test accuracy will "
+            "not measure how the model does on unseen digits"
+        )
+    classes = sorted(set(np.unique(train_split.labels).tolist()))
+    if len(classes) < 10:
+        doubts.append(f"the training labels hold only the classes {classes}")
+    return doubts
 
 
 def describe_timing(training: dict) -> str:
