@@ -3,8 +3,10 @@
     python -m training.evaluate mnist          # the newest version
     python -m training.evaluate mnist:3        # a pinned one
 
-Prints test accuracy, loss and the confusion matrix, and checks them against
-what the manifest recorded at training time (exit 1 if they disagree).
+Prints test accuracy, loss and the confusion matrix, and checks all three against
+what the manifest recorded at training time: exit 0 if they agree, 1 if they do
+not, 2 for a version that cannot be loaded or a malformed manifest. On other
+test data than training recorded (by MD5) nothing is compared.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import numpy as np
 
 from service import model as serving
 from service.config import Config
-from service.store import ModelStore, StoreError, is_version
+from service.store import ManifestError, ModelStore, StoreError, is_version
+from training.cli import folder
 from training.data import DataError, Split, load_split, to_input
 
 # The service's store unless told otherwise: $DIGITSERVE_STORE, else the repo's model_store/.
@@ -67,10 +70,12 @@ def format_confusion(confusion: np.ndarray) -> str:
 
 
 def parse_ref(ref: str) -> tuple[str, int | None]:
-    name, _, version = ref.partition(":")
-    if version and not is_version(version):  # ASCII digits: isdigit() also takes '²'
-        raise argparse.ArgumentTypeError(f"version in {ref!r} must be a positive integer")
-    return name, int(version) if version else None
+    name, colon, version = ref.partition(":")
+    if colon and not is_version(version):  # ASCII digits: isdigit() also takes '²'
+        raise argparse.ArgumentTypeError(
+            f"version in {ref!r} must be a whole number from 1 to 999999999"
+        )
+    return name, int(version) if colon else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,13 +85,22 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model", type=parse_ref, help="NAME or NAME:VERSION")
-    parser.add_argument("--store", default=DEFAULT_STORE, help="model store folder")
-    parser.add_argument("--data-dir", default=None, help="MNIST folder (else $MNIST_DIR, ...)")
+    parser.add_argument("--store", type=folder, default=DEFAULT_STORE, help="model store folder")
+    parser.add_argument(
+        "--data-dir", type=folder, default=None, help="MNIST folder (else $MNIST_DIR, ...)"
+    )
     args = parser.parse_args(argv)
-    name, version = args.model
     try:
-        mv = ModelStore(args.store).resolve(name, version)
-        test = load_split("test", args.data_dir)
+        return run(*args.model, args.store, args.data_dir)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def run(name: str, version: int | None, store: str, data_dir: str | None) -> int:
+    try:
+        mv = ModelStore(store).resolve(name, version)
+        test = load_split("test", data_dir)
     except (StoreError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -102,12 +116,56 @@ def main(argv: list[str] | None = None) -> int:
     result = evaluate(loaded.logits, test, norm["mean"], norm["std"])
     print(f"{name} v{mv.version}: test accuracy {result.accuracy:.4%}, loss {result.loss:.4f}")
     print(format_confusion(result.confusion))
-    recorded = mv.manifest.get("metrics", {}).get("test_accuracy")
-    if recorded is not None:
-        same = abs(recorded - result.accuracy) < 1e-9
-        print(f"manifest recorded {recorded:.4%}: {'match' if same else 'MISMATCH'}")
-        return 0 if same else 1
-    return 0
+    try:
+        return compare(mv.manifest, result, test)
+    except ManifestError as exc:
+        print(f"error: {name} v{mv.version}: {exc}", file=sys.stderr)
+        return 2
+
+
+def compare(manifest: dict, result: Evaluation, test: Split) -> int:
+    """Print how the evaluation compares with the manifest's record: 0 same, 1 not."""
+    metrics = manifest.get("metrics")
+    if metrics is None:
+        print("the manifest records no metrics: nothing to compare")
+        return 0
+    if not isinstance(metrics, dict):
+        raise ManifestError("its 'metrics' is not an object")
+    recorded_md5 = (
+        manifest.get("data", {}).get("md5", {}) if isinstance(manifest.get("data"), dict) else {}
+    )
+    other = [stem for stem, md5 in test.md5.items() if recorded_md5.get(stem) not in (None, md5)]
+    if other:
+        print(
+            f"not compared: the manifest's metrics are on other test data ({', '.join(other)} "
+            "differ by MD5)"
+        )
+        return 0
+    checks = []
+    for key, value, close in (
+        ("test_accuracy", result.accuracy, lambda a, b: abs(a - b) < 1e-9),
+        ("test_loss", result.loss, lambda a, b: abs(a - b) <= 1e-6 * max(1.0, abs(b))),
+    ):
+        if key in metrics:
+            recorded = metrics[key]
+            if not isinstance(recorded, int | float) or isinstance(recorded, bool):
+                raise ManifestError(f"its metrics.{key} is not a number: {recorded!r}")
+            checks.append((key, f"{recorded:.6g}", close(recorded, value)))
+    if "confusion" in metrics:
+        try:
+            recorded = np.asarray(metrics["confusion"], dtype=np.int64)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ManifestError("its metrics.confusion is not a matrix of counts") from exc
+        same = recorded.shape == result.confusion.shape and bool(
+            (recorded == result.confusion).all()
+        )
+        checks.append(("confusion", "matrix", same))
+    if not checks:
+        print("the manifest records no test metrics: nothing to compare")
+        return 0
+    for key, recorded, same in checks:
+        print(f"manifest recorded {key} {recorded}: {'match' if same else 'MISMATCH'}")
+    return 0 if all(same for *_, same in checks) else 1
 
 
 if __name__ == "__main__":
