@@ -129,7 +129,7 @@ def test_batches_cover_the_split_once(sample_test):
     [
         (["--name", "Bad Name"], "invalid model name"),
         (["--dropout", "1.5"], "argument --dropout: '1.5' is not a number from 0"),
-        (["--lr", "nan"], "argument --lr: 'nan' is not a number above 0"),
+        (["--lr", "nan"], "argument --lr: 'nan' is not a number from 1e-30"),
         (["--store", "/proc/no-store-here"], "cannot publish into"),
     ],
 )
@@ -307,3 +307,32 @@ def test_md5sums_parse_or_give_a_data_error(tmp_path_factory, text):
     except DataError:
         return
     assert all(len(md5) == 32 and int(md5, 16) >= 0 for md5 in sums.values())
+
+
+def test_a_file_as_the_data_folder_is_named(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(DataError, match="afile is not a folder"):
+        load_split("test", tmp_path / "afile", download=False)
+
+
+def test_md5sums_in_the_forms_md5sum_writes(tmp_path):
+    shutil.copytree(SAMPLE_DIR, tmp_path / "d")
+    sums = read_md5sums(SAMPLE_DIR)
+    (tmp_path / "d" / "MD5SUMS").write_text(
+        "".join(f"{md5.upper()}  ./{stem}\n" for stem, md5 in sums.items())
+    )
+    assert len(load_split("test", tmp_path / "d", download=False)) == 500
+    (tmp_path / "d" / "MD5SUMS").write_text(
+        "".join(f"{md5}  {stem}.gz\n" for stem, md5 in sums.items())
+    )
+    with pytest.raises(DataError, match="the sums must be of the uncompressed files"):
+        load_split("test", tmp_path / "d", download=False)
+
+
+def test_a_custom_set_missing_a_file_is_not_filled_from_the_mirrors(tmp_path, monkeypatch):
+    """The mirrors serve MNIST, which can never match a custom set's own MD5SUMS."""
+    shutil.copytree(SAMPLE_DIR, tmp_path / "d")
+    (tmp_path / "d" / "t10k-labels-idx1-ubyte.gz").unlink()
+    monkeypatch.setattr(data, "_download", lambda *args: pytest.fail("downloaded"))
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte\[\.gz\] not found"):
+        load_split("test", tmp_path / "d")

@@ -149,16 +149,23 @@ def load_split(
     committed test sample ships one); ``None`` skips verification. A mismatch or
     a missing file raises DataError."""
     folder = Path(data_dir) if data_dir is not None else default_data_dir()
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise DataError(f"{folder} is not a folder; point ${ENV_VAR} (or --data-dir) at one")
+        has_sums = (folder / "MD5SUMS").exists()
+    except OSError as exc:  # e.g. a folder that may not be searched
+        raise DataError(f"cannot look into {folder} ({exc})") from exc
     if checksums == "auto":
-        try:
-            has_sums = (folder / "MD5SUMS").exists()
-        except OSError as exc:  # e.g. a folder that may not be searched
-            raise DataError(f"cannot look into {folder} ({exc})") from exc
         checksums = read_md5sums(folder) if has_sums else MNIST_MD5
     arrays, md5 = [], {}
     for stem, ndim in zip(FILES[split], (3, 1), strict=True):
         raw, failures = _read_raw(folder, stem), []
-        if raw is None and download:
+        # The mirrors serve MNIST itself: no use for a folder that declares other files.
+        if (
+            raw is None
+            and download
+            and (checksums is None or checksums.get(stem) == MNIST_MD5[stem])
+        ):
             raw, failures = _download(folder, stem, timeout)
         if raw is None:
             tried = f" (tried {'; '.join(failures)})" if failures else ""
@@ -169,7 +176,12 @@ def load_split(
             )
         md5[stem] = hashlib.md5(raw).hexdigest()
         if checksums is not None and stem not in checksums:
-            raise DataError(f"{folder / 'MD5SUMS'} has no checksum for {stem}")
+            hint = (
+                f" (it lists {stem}.gz: the sums must be of the uncompressed files)"
+                if f"{stem}.gz" in checksums
+                else ""
+            )
+            raise DataError(f"{folder / 'MD5SUMS'} has no checksum for {stem}{hint}")
         if checksums is not None and md5[stem] != checksums[stem]:
             raise DataError(
                 f"{folder / stem}: MD5 {md5[stem]} does not match the expected "
@@ -205,7 +217,7 @@ def read_md5sums(folder: str | os.PathLike[str]) -> dict[str, str]:
         match = _MD5SUMS_LINE.fullmatch(line.strip())
         if match is None:
             raise DataError(f"{path}, line {number}: not '<md5>  <file name>': {line[:80]!r}")
-        sums[match[2]] = match[1].lower()
+        sums[match[2].removeprefix("./")] = match[1].lower()  # as `md5sum ./file` writes
     return sums
 
 
