@@ -169,7 +169,8 @@ def sample_training(store: Path, *args: str) -> list[str]:
     ]
 
 
-def test_ctrl_c_during_training_publishes_nothing(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C, docker stop
+def test_ctrl_c_or_sigterm_during_training_publishes_nothing(tmp_path, sig):
     proc = subprocess.Popen(
         sample_training(tmp_path, "--epochs", "200", "--limit-train", "500"),
         cwd=ROOT,
@@ -181,11 +182,11 @@ def test_ctrl_c_during_training_publishes_nothing(tmp_path):
         line = proc.stderr.readline()
         while line and not line.startswith("epoch 1:"):
             line = proc.stderr.readline()
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 130, err
+    assert proc.returncode == 128 + sig, err
     assert "nothing was published" in err and "Traceback" not in err
     assert not (tmp_path / "mnist").exists()  # not even an empty model folder
 

@@ -19,6 +19,7 @@ import math
 import os
 import platform
 import shlex
+import signal
 import sys
 import time
 import warnings
@@ -351,11 +352,28 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainConfig]
     return args, TrainConfig(**{k: getattr(args, k) for k in vars(d)})
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (docker stop): cleaned up exactly as Ctrl-C is."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args, cfg = parse_args(argv)
     command = shlex.join(
         ["python", "-m", "training.train", *(sys.argv[1:] if argv is None else argv)]
     )
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return train_and_publish(args, cfg, command)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def train_and_publish(args: argparse.Namespace, cfg: TrainConfig, command: str) -> int:
+    """The command's work and its exit status (0, 2, 3, or 128 + the signal that stopped it)."""
     version = None
     try:
         store = ModelStore(args.store)
@@ -389,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
             print("interrupted: nothing was published", file=sys.stderr)
         else:
             print(f"interrupted, but {args.name} v{live} was already published", file=sys.stderr)
-        return 130
+        terminated = isinstance(exc, Terminated) or isinstance(exc.__cause__, Terminated)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     return 0
 
 
