@@ -36,6 +36,7 @@ SCHEMA_VERSION = 1
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 _VERSION_RE = re.compile(r"[1-9][0-9]{0,8}")
 _HIGH_WATER = ".last_version"  # the highest version ever published, so none is reused
+_LOCK = ".publish.lock"
 
 
 def is_version(text: str) -> bool:
@@ -95,7 +96,10 @@ def _is_number(value: Any) -> bool:
 
 def validate_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise StoreError(f"invalid model name {name!r}: use lowercase letters, digits, '-' or '_'")
+        raise StoreError(
+            f"invalid model name {name!r}: 1 to 64 lowercase letters, digits, '-' or '_', "
+            "starting with a letter or digit"
+        )
     return name
 
 
@@ -148,6 +152,11 @@ def _validate_manifest(data: Any, name: str | None, version: int | None) -> dict
             f"manifest 'normalization' needs a mean in [-{MAX_MEAN}, {MAX_MEAN}] and a std "
             f"in [{MIN_STD}, {MAX_STD}]"
         )
+    metrics = data.get("metrics", {})  # optional (training records it); served in /metadata
+    if not isinstance(metrics, dict) or not all(
+        _is_number(metrics[k]) for k in ("test_accuracy", "test_loss") if k in metrics
+    ):
+        raise ManifestError("manifest 'metrics' must be an object, its test metrics numbers")
     labels = data["labels"]
     if not labels or not all(isinstance(label, str) and label for label in labels):
         raise ManifestError("manifest 'labels' must be a non-empty list of non-empty strings")
@@ -240,7 +249,9 @@ class ModelStore:
                 raise ManifestError(
                     f"{manifest_path}: manifest is {size} bytes; the limit is {MAX_MANIFEST_BYTES}"
                 )
-            data = json.loads(manifest_path.read_text(encoding="utf-8"))
+            data = json.loads(
+                manifest_path.read_text(encoding="utf-8"), parse_constant=_no_constants
+            )
         # ValueError: also a number of over 4,300 digits; RecursionError: deep nesting
         except (OSError, ValueError, RecursionError) as exc:
             raise ManifestError(f"{manifest_path}: unreadable manifest ({exc})") from exc
@@ -265,7 +276,7 @@ class ModelStore:
     def _lock(self, name: str) -> Iterator[None]:
         folder = self.root / name
         folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / ".publish.lock", "a+") as lock:
+        with open(folder / _LOCK, "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 yield
@@ -288,7 +299,7 @@ class ModelStore:
         left is harmless, and removed by a later publish once it is an hour old.
         """
         folder = self.check_writable(name)
-        made_folder = not folder.exists()
+        existed = _nearest_existing(folder)
         tmp = self._make_temp(name, folder)
         published = False
         try:
@@ -327,9 +338,13 @@ class ModelStore:
                     ) from exc
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
-            if made_folder:  # a first publish that failed leaves no empty model folder
-                with contextlib.suppress(OSError):
-                    folder.rmdir()  # only if empty: another publisher may be in it
+            # A failed first publish leaves none of the folders it made. Empty ones only:
+            # another publisher may be in them (it retries if one vanishes under it).
+            with contextlib.suppress(OSError):
+                for made in (folder, *folder.parents):
+                    if made == existed:
+                        break
+                    made.rmdir()
             if isinstance(exc, OSError):
                 raise StoreError(f"could not publish {name!r} in {folder}: {exc}") from exc
             raise
@@ -356,18 +371,25 @@ class ModelStore:
         run that fails later leaves no empty model folder behind."""
         folder = self.root / validate_name(name)
         try:
-            existing = folder
-            while not os.path.lexists(existing):  # publish makes the missing folders
-                existing = existing.parent
-            if not existing.is_dir():  # also a dangling symlink or a symlink loop
-                raise NotADirectoryError(f"{existing} is not a folder")
+            existing = _nearest_existing(folder)  # publish makes the missing folders
+            if not existing.is_dir():
+                what = "a broken symbolic link" if existing.is_symlink() else "not a folder"
+                raise NotADirectoryError(f"{existing} is {what}")
             tempfile.TemporaryFile(dir=existing).close()
+            if existing == folder:
+                for special in (_LOCK, _HIGH_WATER):
+                    path = folder / special
+                    if os.path.lexists(path) and not path.is_file():
+                        raise IsADirectoryError(
+                            f"{path} is in the way: the store keeps a file there"
+                        )
+                self._next_number(folder)  # StoreError once the numbers have run out
         except OSError as exc:
             raise StoreError(f"cannot publish into {folder}: {exc}") from exc
         return folder
 
     @staticmethod
-    def _next_version(folder: Path) -> int:
+    def _next_number(folder: Path) -> int:
         """One above every version folder (complete or not) and every version ever
         published (the high-water mark), so a deleted version's number is never reused."""
         taken = [int(p.name) for p in folder.iterdir() if _VERSION_RE.fullmatch(p.name)]
@@ -376,6 +398,12 @@ class ModelStore:
         version = max(taken, default=0) + 1
         if not is_version(str(version)):
             raise StoreError(f"{folder} has used every version number up to {version - 1}")
+        return version
+
+    @classmethod
+    def _next_version(cls, folder: Path) -> int:
+        """Take the next number (under the publish lock): recorded before it is used."""
+        version = cls._next_number(folder)
         part = folder / f"{_HIGH_WATER}.part"  # replaced whole: a crash never truncates it
         try:
             with open(part, "w") as f:
@@ -399,12 +427,24 @@ class ModelStore:
                     shutil.rmtree(p, ignore_errors=True)
 
 
+def _no_constants(token: str) -> None:
+    """json.loads takes NaN and Infinity, which are not JSON (and jsonify writes them bare)."""
+    raise ValueError(f"{token} is not a JSON number")
+
+
 def _to_json(manifest: dict) -> str:
     """Strict JSON: a NaN or infinity (which json.dumps writes bare) is refused."""
     try:
         return json.dumps(manifest, indent=2, allow_nan=False) + "\n"
     except ValueError as exc:
         raise ManifestError(f"manifest holds a value JSON cannot represent ({exc})") from exc
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists (a broken symlink counts)."""
+    while not os.path.lexists(path) and path != path.parent:
+        path = path.parent
+    return path
 
 
 def _has_manifest(folder: Path) -> bool:

@@ -343,6 +343,24 @@ def test_hostile_manifest_text_is_a_manifest_error(tmp_path, text, message):
         ModelStore(tmp_path).get("m", 1)
 
 
+@pytest.mark.parametrize(
+    ("metrics", "message"),
+    [
+        ('"metrics": null', "'metrics' must be an object"),
+        ('"metrics": [1]', "'metrics' must be an object"),
+        ('"metrics": {"test_accuracy": "0.9"}', "test metrics numbers"),
+        ('"metrics": {"test_accuracy": NaN}', "NaN is not a JSON number"),
+        ('"metrics": {"test_loss": -Infinity}', "-Infinity is not a JSON number"),
+    ],
+)
+def test_metrics_the_service_shows_must_be_well_formed(tmp_path, metrics, message):
+    mv = ModelStore(tmp_path).publish("m", fake_artifacts(), BASE_MANIFEST)
+    text = (mv.path / "manifest.json").read_text()
+    (mv.path / "manifest.json").write_text(text.replace("{", "{" + metrics + ", ", 1))
+    with pytest.raises(ManifestError, match=message):
+        ModelStore(tmp_path).get("m", 1)
+
+
 def test_a_manifest_with_nan_is_not_published_and_uses_no_number(tmp_path):
     store = ModelStore(tmp_path)
     with pytest.raises(ManifestError, match="JSON cannot represent"):
@@ -359,6 +377,8 @@ def test_the_version_numbers_run_out_cleanly(tmp_path):
     store.publish("m", fake_artifacts(), BASE_MANIFEST)
     (tmp_path / "m" / ".last_version").write_text("999999999\n")
     with pytest.raises(StoreError, match="used every version number up to 999999999"):
+        store.check_writable("m")  # before any training
+    with pytest.raises(StoreError, match="used every version number up to 999999999"):
         store.publish("m", fake_artifacts(), BASE_MANIFEST)
     assert store.versions("m") == [1] and not list((tmp_path / "m").glob("1000000000"))
 
@@ -367,5 +387,23 @@ def test_the_version_numbers_run_out_cleanly(tmp_path):
 def test_a_broken_symlink_as_the_store_is_refused_before_any_work(tmp_path, kind):
     link = tmp_path / "store"
     link.symlink_to(tmp_path / ("nowhere" if kind == "dangling" else "store"))
-    with pytest.raises(StoreError, match="is not a folder"):
+    with pytest.raises(StoreError, match="store is a broken symbolic link"):
         ModelStore(link).check_writable("m")
+
+
+@pytest.mark.parametrize("special", [".publish.lock", ".last_version"])
+def test_a_folder_in_place_of_the_store_bookkeeping_is_refused_up_front(tmp_path, special):
+    (tmp_path / "m" / special).mkdir(parents=True)
+    with pytest.raises(StoreError, match=f"{special} is in the way"):
+        ModelStore(tmp_path).check_writable("m")
+
+
+def test_a_failed_first_publish_removes_every_folder_it_made(tmp_path):
+    store = ModelStore(tmp_path / "a" / "b" / "store")
+
+    def failing(folder: Path) -> dict[str, str]:
+        raise RuntimeError("export failed")
+
+    with pytest.raises(RuntimeError):
+        store.publish("m", failing, BASE_MANIFEST)
+    assert list(tmp_path.iterdir()) == []
