@@ -372,10 +372,14 @@ def test_a_nan_model_is_refused_at_load_and_by_evaluate(tiny_store, tmp_path):
     [
         (lambda m: m["metrics"].update(test_loss=99.0), 1, "test_loss 99: MISMATCH"),
         (lambda m: m["metrics"].update(confusion=[[0] * 10] * 10), 1, "confusion matrix: MISMATCH"),
-        (lambda m: m["metrics"].update(test_accuracy="0.25"), 2, "metrics.test_accuracy is not"),
-        (lambda m: m.update(metrics=[1]), 2, "its 'metrics' is not an object"),
+        (lambda m: m["metrics"].update(test_accuracy="0.25"), 2, "test metrics numbers"),
+        (lambda m: m["metrics"].update(test_accuracy=10**400), 2, "not a finite number"),
+        (lambda m: m.update(metrics=[1]), 2, "'metrics' must be an object"),
         (lambda m: m["metrics"].update(confusion="x"), 2, "not a matrix of counts"),
+        (lambda m: m["metrics"].update(confusion=[[0.7] * 10] * 10), 2, "not a matrix of counts"),
+        (lambda m: m["metrics"].update(confusion=[[[[1]]]]), 2, "not a matrix of counts"),
         (lambda m: m.pop("metrics"), 0, "records no metrics: nothing to compare"),
+        (lambda m: m["data"].update(md5="x"), 0, "confusion matrix: match"),  # none recorded
         (lambda m: m["data"]["md5"].update({"t10k-labels-idx1-ubyte": "0" * 32}), 0, "other test"),
     ],
 )

@@ -12,6 +12,7 @@ test data than training recorded (by MD5) nothing is compared.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -124,21 +125,22 @@ def run(name: str, version: int | None, store: str, data_dir: str | None) -> int
 
 
 def compare(manifest: dict, result: Evaluation, test: Split) -> int:
-    """Print how the evaluation compares with the manifest's record: 0 same, 1 not."""
+    """Print how the evaluation compares with the manifest's record: 0 same, 1 not.
+    ManifestError if the record is malformed (the store checks only what it serves)."""
     metrics = manifest.get("metrics")
     if metrics is None:
         print("the manifest records no metrics: nothing to compare")
         return 0
     if not isinstance(metrics, dict):
         raise ManifestError("its 'metrics' is not an object")
-    recorded_md5 = (
-        manifest.get("data", {}).get("md5", {}) if isinstance(manifest.get("data"), dict) else {}
-    )
+    data = manifest.get("data")
+    recorded_md5 = data.get("md5") if isinstance(data, dict) else None
+    recorded_md5 = recorded_md5 if isinstance(recorded_md5, dict) else {}
     other = [stem for stem, md5 in test.md5.items() if recorded_md5.get(stem) not in (None, md5)]
     if other:
         print(
-            f"not compared: the manifest's metrics are on other test data ({', '.join(other)} "
-            "differ by MD5)"
+            f"not compared: the manifest's metrics are on other test data (by MD5: "
+            f"{', '.join(other)})"
         )
         return 0
     checks = []
@@ -147,25 +149,39 @@ def compare(manifest: dict, result: Evaluation, test: Split) -> int:
         ("test_loss", result.loss, lambda a, b: abs(a - b) <= 1e-6 * max(1.0, abs(b))),
     ):
         if key in metrics:
-            recorded = metrics[key]
-            if not isinstance(recorded, int | float) or isinstance(recorded, bool):
-                raise ManifestError(f"its metrics.{key} is not a number: {recorded!r}")
+            recorded = _finite(metrics[key])
+            if recorded is None:
+                raise ManifestError(f"its metrics.{key} is not a finite number")
             checks.append((key, f"{recorded:.6g}", close(recorded, value)))
     if "confusion" in metrics:
-        try:
-            recorded = np.asarray(metrics["confusion"], dtype=np.int64)
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise ManifestError("its metrics.confusion is not a matrix of counts") from exc
-        same = recorded.shape == result.confusion.shape and bool(
-            (recorded == result.confusion).all()
-        )
-        checks.append(("confusion", "matrix", same))
+        recorded = metrics["confusion"]
+        if not _is_count_matrix(recorded):
+            raise ManifestError("its metrics.confusion is not a matrix of counts")
+        checks.append(("confusion", "matrix", recorded == result.confusion.tolist()))
     if not checks:
         print("the manifest records no test metrics: nothing to compare")
         return 0
     for key, recorded, same in checks:
         print(f"manifest recorded {key} {recorded}: {'match' if same else 'MISMATCH'}")
     return 0 if all(same for *_, same in checks) else 1
+
+
+def _finite(value: object) -> float | None:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer of hundreds of digits
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _is_count_matrix(value: object) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(row, list)
+        and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in row)
+        for row in value
+    )
 
 
 if __name__ == "__main__":
