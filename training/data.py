@@ -161,11 +161,13 @@ def load_split(
     for stem, ndim in zip(FILES[split], (3, 1), strict=True):
         raw, failures = _read_raw(folder, stem), []
         # The mirrors serve MNIST itself: no use for a folder that declares other files.
-        if (
-            raw is None
-            and download
-            and (checksums is None or checksums.get(stem) == MNIST_MD5[stem])
-        ):
+        custom = checksums is not None and checksums.get(stem) != MNIST_MD5[stem]
+        if raw is None and custom:
+            raise DataError(
+                f"{stem}[.gz] not found in {folder}; its MD5SUMS names other data than "
+                "MNIST's, so the MNIST mirrors were not tried"
+            )
+        if raw is None and download:
             raw, failures = _download(folder, stem, timeout)
         if raw is None:
             tried = f" (tried {'; '.join(failures)})" if failures else ""
