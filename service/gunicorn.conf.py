@@ -7,12 +7,15 @@ fork handling is fragile) and runs one inference thread; gthread request
 threads only parse, preprocess and wait.
 """
 
+import json
 import os
 import shutil
 import signal
 import tempfile
 import threading
 import time
+
+import gunicorn.util
 
 from service.config import Config  # light: no MXNet, no Flask
 
@@ -57,6 +60,22 @@ if not control_socket_disable:
 # Request-line and header bounds (gunicorn's own, before Flask sees anything).
 limit_request_line = 8190
 limit_request_fields = 100
+
+
+def _json_error(sock, status_int: int, reason: str, mesg: str) -> None:
+    """gunicorn's own answers (a malformed request line, a URI or headers over the
+    limits: refused before Flask sees the request) in the API's one error shape,
+    instead of gunicorn's HTML page. The workers inherit this after the fork."""
+    code = reason.lower().replace(" ", "_")
+    body = json.dumps({"error": {"code": code, "message": mesg or reason}}).encode()
+    head = (
+        f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    gunicorn.util.write_nonblock(sock, head.encode("latin-1") + body)
+
+
+gunicorn.util.write_error = _json_error
 # Workers share the cores: split MXNet's OpenMP threads between them.
 _omp = _int("DIGITSERVE_OMP_THREADS", max(1, _cpus // workers), minimum=1)
 raw_env = [f"OMP_NUM_THREADS={_omp}", f"MXNET_CPU_WORKER_NTHREADS={_omp}"]

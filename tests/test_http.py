@@ -294,6 +294,30 @@ def test_a_body_shorter_than_its_content_length_is_a_400(shipped_server, digits)
         assert status == 400 and answer["error"]["code"] == "bad_body", answer
 
 
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "code"),
+    [
+        (b"GARBAGE\r\n\r\n", 400, "bad_request"),  # not a request line
+        (b"GET /\x00 HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_request"),
+        (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "uri_too_long"),
+        (
+            b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(150)) + b"\r\n",
+            431,
+            "request_header_fields_too_large",
+        ),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nBad Header: y\r\n\r\n", 400, "bad_request"),
+    ],
+)
+def test_requests_gunicorn_refuses_get_the_json_error_shape(
+    shipped_server, request_bytes, status, code
+):
+    """Refused by gunicorn before Flask sees them: the same JSON shape, not an HTML page."""
+    got, body = raw_exchange(shipped_server.url, request_bytes)
+    assert got == status and body["error"]["code"] == code, body
+    assert set(body) == {"error"} and body["error"]["message"]
+    assert requests.get(f"{shipped_server.url}/health").ok  # and the worker is fine
+
+
 def test_routing_errors_share_the_shape(shipped_server):
     url = shipped_server.url
     assert_error(requests.get(f"{url}/nowhere"), 404, "not_found")
