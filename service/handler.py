@@ -75,7 +75,15 @@ def extract_images(request: Request, config: Config) -> list[bytes]:
     check_declared_length(request, config.MAX_CONTENT_LENGTH)
     if mimetype == "multipart/form-data":
         files = [f for key in request.files for f in request.files.getlist(key)]
-        _check_count(len(files), config, "the form holds no file; send it in the field 'image'")
+        text_fields = ", ".join(repr(k) for k in list(request.form)[:5])
+        _check_count(
+            len(files),
+            config,
+            f"the form's fields ({text_fields}) hold text, not a file: send the image as a "
+            "file part with a filename, e.g. curl -F image=@digit.png"
+            if text_fields
+            else "the form holds no file; send it in the field 'image'",
+        )
         images = [f.read() for f in files]
     elif mimetype.startswith(RAW_TYPES):
         images = [read_body(request, config.MAX_CONTENT_LENGTH)]

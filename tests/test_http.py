@@ -204,6 +204,12 @@ def test_bad_input_gets_a_clear_error_and_the_worker_survives(
     assert shipped_server.worker_pids() == pids, "no worker died or restarted"
 
 
+def test_an_image_sent_as_a_text_field_is_explained(shipped_server, digits):
+    r = requests.post(f"{shipped_server.url}/predict", files={"image": (None, "iVBORw0KGgo=")})
+    assert_error(r, 400, "no_image")
+    assert "fields ('image') hold text, not a file" in r.json()["error"]["message"]
+
+
 def chunked(data: bytes, size: int = 1 << 20):
     """A body requests sends with Transfer-Encoding: chunked (no Content-Length)."""
     return (data[i : i + size] for i in range(0, len(data), size))
