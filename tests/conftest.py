@@ -83,20 +83,23 @@ class Server:
     """A real gunicorn serving the app on 127.0.0.1, stopped by the fixture."""
 
     def __init__(self, env: dict[str, str], workers: int = 2):
-        self.workers = workers
+        self.env, self.workers, self.relaunches = env, workers, 0
+        self._launch()
+
+    def _launch(self) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {
             **os.environ,
-            **env,
+            **self.env,
             "DIGITSERVE_BIND": f"127.0.0.1:{self.port}",
-            "DIGITSERVE_WORKERS": str(workers),
+            "DIGITSERVE_WORKERS": str(self.workers),
             "DIGITSERVE_ACCESS_LOG": "",
-            "DIGITSERVE_POLL_SECONDS": env.get("DIGITSERVE_POLL_SECONDS", "0.5"),
+            "DIGITSERVE_POLL_SECONDS": self.env.get("DIGITSERVE_POLL_SECONDS", "0.5"),
         }
         full_env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         self.log = open(  # noqa: SIM115  (closed in stop())
-            Path(env.get("LOG_DIR", "/tmp")) / f"gunicorn-{self.port}.log", "w+b"
+            Path(self.env.get("LOG_DIR", "/tmp")) / f"gunicorn-{self.port}.log", "w+b"
         )
         self.proc = subprocess.Popen(
             [
@@ -120,6 +123,13 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                # free_port() let go of its port before gunicorn bound it: rarely, another
+                # process took it meanwhile. Start again on a new one.
+                if "Connection in use" in self.output() and self.relaunches < 2:
+                    self.relaunches += 1
+                    self.log.close()
+                    self._launch()
+                    continue
                 raise RuntimeError(f"gunicorn exited {self.proc.returncode}:\n{self.output()}")
             try:
                 # The socket accepts before a worker does: the read may wait for a load.
