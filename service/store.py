@@ -19,6 +19,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -250,7 +251,9 @@ class ModelStore:
                     f"{manifest_path}: manifest is {size} bytes; the limit is {MAX_MANIFEST_BYTES}"
                 )
             data = json.loads(
-                manifest_path.read_text(encoding="utf-8"), parse_constant=_no_constants
+                manifest_path.read_text(encoding="utf-8"),
+                parse_constant=_no_constants,
+                parse_float=_finite_float,
             )
         # ValueError: also a number of over 4,300 digits; RecursionError: deep nesting
         except (OSError, ValueError, RecursionError) as exc:
@@ -298,11 +301,15 @@ class ModelStore:
         (or the process dies) no version appears; a temp folder a killed publisher
         left is harmless, and removed by a later publish once it is an hour old.
         """
-        folder = self.check_writable(name)
+        # Not check_writable(): the model folder may vanish and come back under us (a
+        # failed first publish removes it); _make_temp retries that.
+        folder = self.root / validate_name(name)
         existed = _nearest_existing(folder)
-        tmp = self._make_temp(name, folder)
+        tmp: Path | None = None
+        version: int | None = None
         published = False
         try:
+            tmp = self._make_temp(name, folder)
             files = write_artifacts(tmp)
             artifacts = {
                 role: {"file": fname, "sha256": sha256_file(tmp / fname)}
@@ -320,8 +327,7 @@ class ModelStore:
             with self._lock(name):
                 self.clean_stale_temp(name, older_than=3600)
                 version = full["version"] = self._next_version(folder)
-                text = _to_json(full)
-                (tmp / MANIFEST).write_text(text, encoding="utf-8")
+                (tmp / MANIFEST).write_text(_to_json(full), encoding="utf-8")
                 _fsync_tree(tmp)
                 os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; readers may be another user
                 os.rename(tmp, folder / str(version))
@@ -329,15 +335,17 @@ class ModelStore:
                 _fsync_dir(folder)
             return self.get(name, version)
         except BaseException as exc:
-            if published:  # live already: say so rather than "nothing was published"
+            # A signal handled as os.rename returns comes before `published = True`.
+            renamed = version is not None and tmp is not None and not os.path.lexists(tmp)
+            if published or (renamed and (folder / str(version)).is_dir()):
+                # live already: say so rather than "nothing was published"
                 if isinstance(exc, KeyboardInterrupt):
                     raise PublishInterrupted(version) from exc
-                if isinstance(exc, OSError):
-                    raise StoreError(
-                        f"{name!r} v{version} is published, but flushing {folder} failed: {exc}"
-                    ) from exc
+                if isinstance(exc, Exception):
+                    raise StoreError(f"{name!r} v{version} is published, but then: {exc}") from exc
                 raise
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
             # A failed first publish leaves none of the folders it made. Empty ones only:
             # another publisher may be in them (it retries if one vanishes under it).
             with contextlib.suppress(OSError):
@@ -432,12 +440,24 @@ def _no_constants(token: str) -> None:
     raise ValueError(f"{token} is not a JSON number")
 
 
+def _finite_float(text: str) -> float:
+    """A JSON number such as 1e400 would become inf: refused like Infinity."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} is beyond a double")
+    return value
+
+
 def _to_json(manifest: dict) -> str:
-    """Strict JSON: a NaN or infinity (which json.dumps writes bare) is refused."""
+    """Strict JSON: a NaN or infinity (which json.dumps writes bare) is refused, and so
+    is a manifest the store would refuse to read back (over MAX_MANIFEST_BYTES)."""
     try:
-        return json.dumps(manifest, indent=2, allow_nan=False) + "\n"
+        text = json.dumps(manifest, indent=2, allow_nan=False) + "\n"
     except ValueError as exc:
         raise ManifestError(f"manifest holds a value JSON cannot represent ({exc})") from exc
+    if len(text.encode()) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"manifest is over {MAX_MANIFEST_BYTES} bytes")
+    return text
 
 
 def _nearest_existing(path: Path) -> Path:
