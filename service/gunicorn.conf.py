@@ -7,6 +7,7 @@ fork handling is fragile) and runs one inference thread; gthread request
 threads only parse, preprocess and wait.
 """
 
+import http
 import json
 import os
 import shutil
@@ -66,7 +67,9 @@ def _json_error(sock, status_int: int, reason: str, mesg: str) -> None:
     """gunicorn's own answers (a malformed request line, a URI or headers over the
     limits: refused before Flask sees the request) in the API's one error shape,
     instead of gunicorn's HTML page. The workers inherit this after the fork."""
-    code = reason.lower().replace(" ", "_")
+    if status_int >= 500:  # gunicorn keeps "Bad Request" for its 501; the app's 500 code
+        reason = http.HTTPStatus(status_int).phrase
+    code = "internal_error" if status_int == 500 else reason.lower().replace(" ", "_")
     body = json.dumps({"error": {"code": code, "message": mesg or reason}}).encode()
     head = (
         f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
@@ -109,7 +112,8 @@ def post_worker_init(worker):
     engine = worker.wsgi.extensions["digitserve.engine"]
     # Accept no connection before the start-up load has been tried: the listening socket
     # is shared, so a worker still loading would answer /ready 503 (and hold /predict)
-    # while its siblings are ready. Bounded by INFERENCE_TIMEOUT, below gunicorn's timeout.
+    # while its siblings are ready. Bounded by INFERENCE_TIMEOUT (a SIGTERM meanwhile
+    # takes effect after it).
     engine.wait_started()
 
     def watch() -> None:

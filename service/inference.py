@@ -72,6 +72,7 @@ class InferenceEngine:
         self._refused_as: dict[int, tuple | None] = {}  # the folder's signature then
         self._listing_error: str | None = None
         self._manifests: dict[int, ModelVersion] = {}
+        self._unexpected: set[int] = set()  # versions whose reading raised a surprise
         self._current: ModelVersion | None = None
         self._carry: _Job | None = None
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
@@ -148,7 +149,9 @@ class InferenceEngine:
                 f"{self.name} v{version} is unusable: {exc}", code="version_refused"
             ) from exc
         except Exception as exc:  # whatever a version folder holds must not kill the engine
-            log.exception("reading %s v%d failed unexpectedly", self.name, version)
+            if version not in self._unexpected:  # not a traceback per pinned request
+                self._unexpected.add(version)
+                log.exception("reading %s v%d failed unexpectedly", self.name, version)
             raise errors.Conflict(
                 f"{self.name} v{version} is unusable: {type(exc).__name__}",
                 code="version_refused",

@@ -329,6 +329,15 @@ def test_md5sums_in_the_forms_md5sum_writes(tmp_path):
         load_split("test", tmp_path / "d", download=False)
 
 
+def test_a_file_missing_from_md5sums_is_named_before_anything_is_read(tmp_path):
+    shutil.copytree(SAMPLE_DIR, tmp_path / "d")
+    sums = (tmp_path / "d" / "MD5SUMS").read_text().splitlines()
+    (tmp_path / "d" / "MD5SUMS").write_text("\n".join(s for s in sums if "t10k-labels" not in s))
+    (tmp_path / "d" / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DataError, match=r"has no checksum for t10k-labels-idx1-ubyte$"):
+        load_split("test", tmp_path / "d", download=False)
+
+
 def test_a_custom_set_missing_a_file_is_not_filled_from_the_mirrors(tmp_path, monkeypatch):
     """The mirrors serve MNIST, which can never match a custom set's own MD5SUMS."""
     shutil.copytree(SAMPLE_DIR, tmp_path / "d")

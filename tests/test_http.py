@@ -312,6 +312,11 @@ def test_a_body_shorter_than_its_content_length_is_a_400(shipped_server, digits)
             "request_header_fields_too_large",
         ),
         (b"GET / HTTP/1.1\r\nHost: x\r\nBad Header: y\r\n\r\n", 400, "bad_request"),
+        (
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: brotli\r\n\r\n",
+            501,
+            "not_implemented",
+        ),
     ],
 )
 def test_requests_gunicorn_refuses_get_the_json_error_shape(

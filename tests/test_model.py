@@ -233,6 +233,7 @@ def test_blank_training_images_are_a_data_error_before_training(sample_train, sa
     assert "the training and test images are the same file" in doubts[0]
     assert doubts[1] == "the training labels hold only the classes [3]"
     assert doubtful_data(sample_train, sample_test) == []
+    assert "only the classes" in doubtful_data(sample_train, sample_test, limit=3)[0]
 
 
 def test_a_model_below_min_accuracy_is_not_published(tmp_path):
@@ -267,6 +268,8 @@ def test_a_model_below_min_accuracy_is_not_published(tmp_path):
         (["--data-dir", " "], "argument --data-dir: an empty path"),
         (["--seed", "-1"], "argument --seed: '-1' is not an integer from 0 to 2**32 - 1"),
         (["--seed", str(2**32)], "argument --seed: '4294967296' is not an integer from 0"),
+        (["--seed", "1" + "0" * 400], "argument --seed: '1000000000"),  # too big for a float
+        (["--epochs", "9" * 1000], "argument --epochs: '9999999999"),
         (["--max-shift", "100000"], "argument --max-shift: '100000' is not an integer from 0"),
         (["--limit-train", "0"], "argument --limit-train: '0' is not an integer of at least 1"),
         (["--limit-train", "-5"], "argument --limit-train: '-5' is not an integer of at least 1"),

@@ -16,10 +16,11 @@ def bounded(
     def parse(text: str) -> float:
         try:
             value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {want}") from None
-        if not (math.isfinite(value) and ok(value)):
-            raise argparse.ArgumentTypeError(f"{text!r} is not {want}")
+            good = math.isfinite(value) and ok(value)
+        except (ValueError, OverflowError):  # isfinite(10**400): too big for a float
+            good = False
+        if not good:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not {want}")
         return value
 
     return parse

@@ -159,6 +159,13 @@ def load_split(
         checksums = read_md5sums(folder) if has_sums else MNIST_MD5
     arrays, md5 = [], {}
     for stem, ndim in zip(FILES[split], (3, 1), strict=True):
+        if checksums is not None and stem not in checksums:
+            hint = (
+                f" (it lists {stem}.gz: the sums must be of the uncompressed files)"
+                if f"{stem}.gz" in checksums
+                else ""
+            )
+            raise DataError(f"{folder / 'MD5SUMS'} has no checksum for {stem}{hint}")
         raw, failures = _read_raw(folder, stem), []
         # The mirrors serve MNIST itself: no use for a folder that declares other files.
         custom = checksums is not None and checksums.get(stem) != MNIST_MD5[stem]
@@ -177,13 +184,6 @@ def load_split(
                 "a folder that has them."
             )
         md5[stem] = hashlib.md5(raw).hexdigest()
-        if checksums is not None and stem not in checksums:
-            hint = (
-                f" (it lists {stem}.gz: the sums must be of the uncompressed files)"
-                if f"{stem}.gz" in checksums
-                else ""
-            )
-            raise DataError(f"{folder / 'MD5SUMS'} has no checksum for {stem}{hint}")
         if checksums is not None and md5[stem] != checksums[stem]:
             raise DataError(
                 f"{folder / stem}: MD5 {md5[stem]} does not match the expected "

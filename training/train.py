@@ -380,7 +380,7 @@ def train_and_publish(args: argparse.Namespace, cfg: TrainConfig, command: str) 
         store.check_writable(args.name)  # before minutes of training, not after
         train_split = load_split("train", args.data_dir)
         test_split = load_split("test", args.data_dir)
-        for warning in doubtful_data(train_split, test_split):
+        for warning in doubtful_data(train_split, test_split, cfg.limit_train):
             print(f"warning: {warning}", file=sys.stderr)
         result = train(cfg, train_split, test_split, progress=args.progress, log_epochs=True)
         version = publish(
@@ -412,8 +412,9 @@ def train_and_publish(args: argparse.Namespace, cfg: TrainConfig, command: str) 
     return 0
 
 
-def doubtful_data(train_split: Split, test_split: Split) -> list[str]:
-    """What is legal (a custom set with its own MD5SUMS) but most likely a mistake."""
+def doubtful_data(train_split: Split, test_split: Split, limit: int | None = None) -> list[str]:
+    """What is legal (a custom set with its own MD5SUMS) but most likely a mistake;
+    ``limit``: the number of training images actually trained on."""
     doubts = []
     train_md5, test_md5 = (
         train_split.md5.get(FILES["train"][0]),
@@ -424,7 +425,7 @@ def doubtful_data(train_split: Split, test_split: Split) -> list[str]:
             "the training and test images are the same file: test accuracy will "
             "not measure how the model does on unseen digits"
         )
-    classes = sorted(set(np.unique(train_split.labels).tolist()))
+    classes = np.unique(train_split.labels[:limit]).tolist()
     if len(classes) < 10:
         doubts.append(f"the training labels hold only the classes {classes}")
     return doubts
