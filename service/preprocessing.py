@@ -40,6 +40,12 @@ ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF", "MPO"}
 # No photo or drawing of a digit is longer than this on a side. Decoders pay per row, so
 # a 1 x 39,000,000 strip within the pixel limit took 2.6 s against 0.15 s for 6000 x 6000.
 MAX_SIDE = 30_000
+# A progressive JPEG decodes scan after scan, each costing a pass over the whole image:
+# encoders write about 10, a crafted 1.4 MB file with 20,000 took 72 s of a core. Scan
+# markers cannot occur in entropy-coded data (0xFF is stuffed there), so counting them
+# in the bytes is exact but for EXIF thumbnails and MPO frames, which add a few.
+MAX_JPEG_SCANS = 100
+_JPEG_SOS = b"\xff\xda"
 # Pixel processing happens on at most WORK_SIZE x WORK_SIZE pixels: 10x the output resolution
 # keeps strokes well resolved while a 12-megapixel photo costs the same as a thumbnail.
 WORK_SIZE = 10 * MNIST_SIZE
@@ -129,6 +135,11 @@ def open_image(data: bytes, *, max_pixels: int) -> Image.Image:
         )
     if max(width, height) > MAX_SIDE:
         raise PayloadTooLarge(f"image is {width}x{height}; no side may exceed {MAX_SIDE} pixels")
+    if image.format in ("JPEG", "MPO") and (scans := data.count(_JPEG_SOS)) > MAX_JPEG_SCANS:
+        raise PayloadTooLarge(
+            f"the JPEG has {scans} scans; at most {MAX_JPEG_SCANS} are decoded (encoders "
+            "write about 10)"
+        )
     return image
 
 

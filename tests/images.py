@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import gzip
 import io
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -257,6 +258,26 @@ def zero_png(width: int = 20000, height: int = 20000) -> bytes:
 def decompression_bomb() -> bytes:
     """A ~50 kB PNG that would decode to 20000x20000 = 400 megapixels."""
     return zero_png(20000, 20000)
+
+
+def jpeg_with_scans(extra: int, size: int = 600) -> bytes:
+    """A progressive JPEG whose smallest scan is repeated ``extra`` more times before its
+    end: each one is another full pass for the decoder (a CPU bomb in a small file)."""
+    out = io.BytesIO()
+    Image.new("L", (size, size), 255).save(out, "JPEG", progressive=True, quality=90)
+    data = out.getvalue()
+
+    def scan_end(start: int) -> int:  # the next marker: 0xFF but not stuffing (00) or RSTn
+        k = start + 2
+        while True:
+            k = data.index(b"\xff", k)
+            if data[k + 1] != 0 and not 0xD0 <= data[k + 1] <= 0xD7:
+                return k
+            k += 2
+
+    starts = [m.start() for m in re.finditer(b"\xff\xda", data)]
+    smallest = min((data[i : scan_end(i)] for i in starts), key=len)
+    return data[:-2] + smallest * extra + data[-2:]  # before the end-of-image marker
 
 
 def truncated(data: bytes, keep: float = 0.6) -> bytes:

@@ -143,6 +143,11 @@ BOMB = images.decompression_bomb()
         ({"files": {"image": ("e.png", b"", "image/png")}}, 400, "no_image"),
         ({"files": {"other": (None, "text field")}}, 400, "no_image"),
         (
+            {"data": images.jpeg_with_scans(5000), "headers": {"Content-Type": "image/jpeg"}},
+            413,
+            "payload_too_large",
+        ),
+        (
             {"data": b"\x89PNG\r\n\x1a\n garbage", "headers": {"Content-Type": "image/png"}},
             400,
             "invalid_image",

@@ -409,6 +409,14 @@ def test_decompression_bomb_is_refused_before_decoding(monkeypatch):
     assert time.perf_counter() - start < 1.0
 
 
+def test_a_jpeg_with_thousands_of_scans_is_refused_before_decoding(monkeypatch):
+    """Each scan of a progressive JPEG is a full decoding pass: 20,000 took 72 s."""
+    assert decode_image(images.jpeg_with_scans(90), max_pixels=MAX_PIXELS).size == (600, 600)
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("decoded"))
+    with pytest.raises(PayloadTooLarge, match="the JPEG has 20006 scans; at most 100"):
+        decode_image(images.jpeg_with_scans(20_000), max_pixels=MAX_PIXELS)
+
+
 def test_image_at_the_pixel_limit_is_decoded():
     data = images.zero_png(1000, 1000)
     assert decode_image(data, max_pixels=1_000_000).size == (1000, 1000)
