@@ -62,6 +62,10 @@ def register_error_handlers(app: Flask) -> None:
     def api_error(exc: errors.ApiError) -> tuple[Response, int]:
         response = jsonify(exc.to_dict())
         response.headers.update(exc.headers)
+        if exc.status == 413 or isinstance(exc, errors.BadBody):
+            # The body may be unread or unreadable: gunicorn closes the connection after
+            # this answer, so the answer says so (honoured by gunicorn.conf.py).
+            response.headers["Connection"] = "close"
         return response, exc.status
 
     @app.errorhandler(RequestEntityTooLarge)  # werkzeug's own: the body or the form parser

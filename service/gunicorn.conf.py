@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 
+import gunicorn.http.wsgi
 import gunicorn.util
 
 from service.config import Config  # light: no MXNet, no Flask
@@ -79,6 +80,20 @@ def _json_error(sock, status_int: int, reason: str, mesg: str) -> None:
 
 
 gunicorn.util.write_error = _json_error
+
+_process_headers = gunicorn.http.wsgi.Response.process_headers
+
+
+def _process_headers_closing(self, headers) -> None:
+    """Honour the app's ``Connection: close`` (gunicorn drops hop-by-hop headers): the
+    app sends it when it answers without reading the body, after which gunicorn closes
+    the connection anyway; the client must not be told "keep-alive" first."""
+    _process_headers(self, headers)
+    if any(k.lower() == "connection" and v.strip().lower() == "close" for k, v in headers):
+        self.force_close()
+
+
+gunicorn.http.wsgi.Response.process_headers = _process_headers_closing
 # Workers share the cores: split MXNet's OpenMP threads between them.
 _omp = _int("DIGITSERVE_OMP_THREADS", max(1, _cpus // workers), minimum=1)
 raw_env = [f"OMP_NUM_THREADS={_omp}", f"MXNET_CPU_WORKER_NTHREADS={_omp}"]

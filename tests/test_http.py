@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import socket
@@ -133,6 +134,11 @@ def test_batch_independence_over_http(shipped_server, digits, sample_test):
 
 
 BOMB = images.decompression_bomb()
+FORM_WITH_BIG_FIELD = (
+    b'--b\r\nContent-Disposition: form-data; name="note"\r\n\r\n'
+    + b"x" * 600_000
+    + b"\r\n--b--\r\n"
+)
 
 
 @pytest.mark.parametrize(
@@ -207,6 +213,34 @@ def test_bad_input_gets_a_clear_error_and_the_worker_survives(
     )
     assert ok.status_code == 200 and ok.json()["digit"] == 1
     assert shipped_server.worker_pids() == pids, "no worker died or restarted"
+
+
+@pytest.mark.parametrize(
+    ("headers", "body"),
+    [
+        ({"Content-Type": "multipart/form-data; boundary=b"}, FORM_WITH_BIG_FIELD),  # 413
+        ({"Content-Type": "image/png", "Transfer-Encoding": "chunked"}, b"zz\r\n\r\n"),  # 400
+    ],
+)
+def test_an_answer_before_the_body_is_read_says_connection_close(
+    shipped_server, digits, headers, body
+):
+    """A client reusing the connection (http.client does, without checking) is told."""
+    host, port = shipped_server.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request("POST", "/predict", body=body, headers=headers)
+        bad = conn.getresponse()
+        bad.read()
+        assert bad.status in (400, 413) and bad.getheader("Connection") == "close"
+        conn.request(
+            "POST", "/predict", body=png(digits[1][0]), headers={"Content-Type": "image/png"}
+        )
+        good = conn.getresponse()  # on a new connection, as the answer said
+        assert good.status == 200 and json.loads(good.read())["digit"] == 1
+        assert good.getheader("Connection") == "keep-alive"
+    finally:
+        conn.close()
 
 
 def test_an_image_sent_as_a_text_field_is_explained(shipped_server, digits):
