@@ -94,13 +94,9 @@ def _download(folder: Path, stem: str, timeout: float) -> tuple[bytes | None, li
         try:
             with urllib.request.urlopen(f"{mirror}{stem}.gz", timeout=timeout) as resp:
                 raw = gzip.decompress(resp.read())
-        except (
-            OSError,
-            EOFError,
-            zlib.error,
-            http.client.HTTPException,
-        ) as exc:  # URLError, timeouts,
-            errors.append(f"{mirror}: {exc}")  # a cut connection (IncompleteRead), bad gzip
+        # URLError, timeouts, a cut connection (IncompleteRead), a bad gzip stream
+        except (OSError, EOFError, zlib.error, http.client.HTTPException) as exc:
+            errors.append(f"{mirror}: {exc}")
             continue
         if hashlib.md5(raw).hexdigest() != MNIST_MD5[stem]:
             errors.append(f"{mirror}: checksum mismatch")

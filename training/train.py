@@ -198,14 +198,22 @@ def train(
     return result
 
 
+def non_finite_parameter(net: gluon.Block) -> str | None:
+    """The name of a parameter holding NaN or infinity (a diverged net), if any."""
+    for name, param in net.collect_params().items():
+        if not np.isfinite(param.data().asnumpy()).all():
+            return name
+    return None
+
+
 def export_and_check(
     result: TrainResult, folder: Path, name: str, test_split: Split
 ) -> tuple[dict[str, str], dict]:
     """Export into ``folder``, load it back as the service will, compare outputs and
     evaluate the exported model. Returns the artifact files and the metrics."""
-    for param_name, param in result.net.collect_params().items():
-        if not np.isfinite(param.data().asnumpy()).all():
-            raise Diverged(f"parameter {param_name} holds NaN or infinity: nothing was published")
+    bad = non_finite_parameter(result.net)
+    if bad is not None:
+        raise Diverged(f"parameter {bad} holds NaN or infinity: nothing was published")
     try:
         result.net.export(str(folder / name), epoch=0)
     except (mx.base.MXNetError, OSError) as exc:  # a full disk comes as an MXNetError

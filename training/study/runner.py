@@ -32,7 +32,7 @@ from training.data import (
 )
 from training.evaluate import evaluate
 from training.model import build_net
-from training.train import TrainConfig, make_trainer, seed_everything
+from training.train import TrainConfig, make_trainer, non_finite_parameter, seed_everything
 
 SAMPLE_DIR = REPO_ROOT / "tests" / "data" / "mnist-sample"
 CHANCE = 0.2  # a run whose final test accuracy is below this has not learned (10 classes)
@@ -144,7 +144,7 @@ def _stream(data: StudyData, batch_size: int, rng: np.random.Generator) -> Itera
 
 
 def _finite(net: gluon.HybridBlock) -> bool:
-    return all(np.isfinite(p.data().asnumpy()).all() for p in net.collect_params().values())
+    return non_finite_parameter(net) is None
 
 
 class Diverged(Exception):
