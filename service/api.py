@@ -47,11 +47,14 @@ def check_model_name(name: str) -> None:
 def classify(version: int | None) -> Response:
     cfg = config()
     started = time.perf_counter()
+    eng = engine()
     images = handler.extract_images(request, cfg)
-    mv = engine().version_for(version)
-    engine().check_capacity(len(images))
-    batch = handler.preprocess(images, mv, cfg)
-    prediction = handler.inference(engine(), batch, mv)
+    mv = eng.version_for(version)
+    eng.check_capacity(len(images))
+    with eng.preparing():  # the forward under way may wait for these images
+        batch = handler.preprocess(images, mv, cfg)
+        future = handler.inference(eng, batch, mv)
+    prediction = eng.result(future)
     body = handler.postprocess(prediction, mv.manifest["labels"])
     body["latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
     metrics.IMAGES.inc(len(images))

@@ -3,7 +3,7 @@
 - ``extract_images``: the request body -> a list of image bytes (all limits that
   need no decoding are checked here, before any expensive work),
 - ``preprocess``: image bytes -> normalized (N, 1, 28, 28) batch,
-- ``inference``: the batch -> probabilities, through the engine's queue,
+- ``inference``: the batch -> the engine's queue (a Future of the probabilities),
 - ``postprocess``: probabilities -> the JSON response.
 
 ``initialize`` is the engine's start (see service.inference).
@@ -15,14 +15,16 @@ import base64
 import binascii
 import json
 import re
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
 from flask import Request
 
 from service import errors, preprocessing
+from service.batching import Prediction
 from service.config import Config
-from service.inference import InferenceEngine, Prediction
+from service.inference import InferenceEngine
 from service.store import ModelVersion
 
 RAW_TYPES = ("image/", "application/octet-stream")
@@ -186,19 +188,20 @@ def _each(index: int, count: int, step, *args, **kwargs):
         raise
 
 
-def inference(engine: InferenceEngine, batch: np.ndarray, version: ModelVersion) -> Prediction:
-    return engine.predict(batch, version.version)
+def inference(engine: InferenceEngine, batch: np.ndarray, version: ModelVersion) -> Future:
+    """Queue the batch for the engine's next forward; the Future gives a Prediction."""
+    return engine.submit(batch, version.version)
 
 
 def postprocess(prediction: Prediction, labels: list[str]) -> dict[str, Any]:
     rows = []
-    for probs in prediction.probabilities:
-        best = int(np.argmax(probs))
+    for probs in prediction.probabilities.tolist():  # Python floats: cheaper than numpy's
+        best = max(range(len(probs)), key=probs.__getitem__)  # the first maximum, as argmax
         rows.append(
             {
                 "digit": int(labels[best]) if labels[best].isdigit() else labels[best],
-                "confidence": float(probs[best]),
-                "probabilities": [round(float(p), 6) for p in probs],
+                "confidence": probs[best],
+                "probabilities": [round(p, 6) for p in probs],
             }
         )
     body: dict[str, Any] = {"model": {"name": prediction.name, "version": prediction.version}}

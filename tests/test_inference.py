@@ -44,7 +44,7 @@ def inputs(sample_test, mv, n: int, offset: int = 0) -> np.ndarray:
 def test_concurrent_requests_share_forward_passes(make_engine, sample_test):
     engine = make_engine(BATCH_WAIT_MS=200, MAX_BATCH=64)
     mv = engine.current
-    model = engine._loaded[mv.version]
+    model = engine.registry.loaded(mv.version)
     sizes: list[int] = []
     original = model.predict
 
@@ -77,7 +77,7 @@ def test_concurrent_requests_share_forward_passes(make_engine, sample_test):
 def test_large_request_is_split_into_max_batch_chunks(make_engine, sample_test):
     engine = make_engine(MAX_BATCH=16)
     mv = engine.current
-    model = engine._loaded[mv.version]
+    model = engine.registry.loaded(mv.version)
     sizes: list[int] = []
     original = model.predict
     model.predict = lambda batch: sizes.append(len(batch)) or original(batch)
@@ -89,7 +89,7 @@ def test_large_request_is_split_into_max_batch_chunks(make_engine, sample_test):
 def test_a_forward_pass_that_hangs_makes_the_engine_not_alive(make_engine, sample_test):
     engine = make_engine(STALL_SECONDS=0.3)
     mv = engine.current
-    model = engine._loaded[mv.version]
+    model = engine.registry.loaded(mv.version)
     original, release = model.predict, threading.Event()
     model.predict = lambda batch: release.wait(10) and original(batch)  # a stuck MXNet engine
     future = engine.submit(inputs(sample_test, mv, 1), mv.version)
