@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageDraw, ImageFile
 
+from service import preprocessing
 from service.errors import ApiError, InvalidImage, PayloadTooLarge, UnsupportedMediaType
 from service.preprocessing import (
     ALLOWED_FORMATS,
@@ -37,6 +38,7 @@ MEAN, STD = 0.1307, 0.3081
 MAX_PIXELS = 40_000_000
 FUZZ_MAX_PIXELS = 2_000_000  # mutated headers may declare big images: keep fuzzing cheap
 DIGITS, LABELS = images.sample_digits(10)
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def mnist(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
@@ -104,7 +106,55 @@ def test_committed_mnist_sample_passes_through_unchanged():
 
 
 def test_full_mnist_test_digits_pass_through_unchanged(full_test):
-    assert_passes_through(full_test.images[:2000])
+    assert_passes_through(full_test.images)
+
+
+def general_path(image: Image.Image) -> np.ndarray | None:
+    return preprocessing._ink(preprocessing._grayscale(image))
+
+
+def test_the_mnist_form_fast_path_is_the_general_path_bit_for_bit(full_test):
+    taken = 0
+    for digit in full_test.images:
+        image = Image.fromarray(digit)
+        fast = preprocessing._mnist_form(image)
+        if fast is not None:
+            taken += 1
+            np.testing.assert_array_equal(fast, general_path(image))
+    assert taken >= 0.98 * len(full_test.images)  # measured: 98.7% of all 70k digits
+
+
+@st.composite
+def bordered_digits(draw: st.DrawFn) -> np.ndarray:
+    """28x28 8-bit images with a black one-pixel border, from faint to saturated ink."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    inner = rng.integers(0, 256, (26, 26)) * (rng.random((26, 26)) < draw(st.floats(0, 1)))
+    peak = draw(st.integers(1, 255))
+    digit = np.zeros((28, 28), np.uint8)
+    digit[1:-1, 1:-1] = np.minimum(inner, peak)
+    return digit
+
+
+@FUZZ
+@given(bordered_digits())
+def test_the_fast_path_equals_the_general_path_whenever_it_is_taken(digit):
+    image = Image.fromarray(digit)
+    fast = preprocessing._mnist_form(image)
+    if fast is not None:
+        np.testing.assert_array_equal(fast, general_path(image))
+        np.testing.assert_array_equal(to_mnist(image), preprocessing._frame(fast))
+
+
+@FUZZ
+@given(
+    st.lists(st.floats(-1e6, 1e6, width=32), min_size=1, max_size=300),
+    st.lists(st.floats(0, 100), min_size=1, max_size=3),
+)
+def test_percentiles_are_numpys_bit_for_bit(values, q):
+    array = np.array(values, np.float32)
+    np.testing.assert_array_equal(
+        preprocessing._percentiles(array, tuple(q)), np.percentile(array, q)
+    )
 
 
 @pytest.mark.slow
@@ -480,7 +530,6 @@ def check_valid_or_api_error(data: bytes) -> None:
     assert np.isfinite(out).all()
 
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 ENCODED = {
     (fmt, paper): images.encode_bytes(DIGITS[2], fmt, paper=paper)
     for fmt in images.FORMATS
