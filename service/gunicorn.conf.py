@@ -7,19 +7,16 @@ fork handling is fragile) and runs one inference thread; gthread request
 threads only parse, preprocess and wait.
 """
 
-import http
-import json
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 import time
 
-import gunicorn.http.wsgi
-import gunicorn.util
-
 from service.config import Config  # light: no MXNet, no Flask
+from service.gunicorn_ext import ACCESS_LOG_FORMAT, install_patches
 
 _cpus = os.cpu_count() or 1
 try:  # the app's settings, checked once here rather than failing in every worker
@@ -50,10 +47,16 @@ timeout = _int("DIGITSERVE_TIMEOUT", 60, minimum=0)  # 0: gunicorn's "never"
 graceful_timeout = _int("DIGITSERVE_GRACEFUL_TIMEOUT", 30, minimum=0)
 keepalive = _int("DIGITSERVE_KEEPALIVE", 5, minimum=0)
 backlog = _int("DIGITSERVE_BACKLOG", 512, minimum=1)
+# Each worker listens on a socket of its own (SO_REUSEPORT) and the kernel spreads new
+# connections over them. On one shared socket a connection stays with whichever worker
+# won the accept: 32 kept-alive connections once split 31/1, and ran at half the rate.
+_tcp = not bind.startswith(("unix:", "fd://"))
+reuse_port = _tcp and (os.environ.get("DIGITSERVE_REUSE_PORT") or "1").strip() != "0"
 accesslog = os.environ.get("DIGITSERVE_ACCESS_LOG", "-") or None
 errorlog = "-"
 loglevel = (os.environ.get("DIGITSERVE_LOG_LEVEL") or "info").lower()
-access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms'
+access_log_format = ACCESS_LOG_FORMAT
+logger_class = "service.gunicorn_ext.AccessLogger"
 # gunicorn >= 25's control socket: off unless asked for (several servers per host,
 # read-only homes in containers).
 control_socket_disable = not os.environ.get("DIGITSERVE_CONTROL_SOCKET")
@@ -64,44 +67,40 @@ limit_request_line = 8190
 limit_request_fields = 100
 
 
-def _json_error(sock, status_int: int, reason: str, mesg: str) -> None:
-    """gunicorn's own answers (a malformed request line, a URI or headers over the
-    limits: refused before Flask sees the request) in the API's one error shape,
-    instead of gunicorn's HTML page. The workers inherit this after the fork."""
-    if status_int >= 500:  # gunicorn keeps "Bad Request" for its 501; the app's 500 code
-        reason = http.HTTPStatus(status_int).phrase
-    code = "internal_error" if status_int == 500 else reason.lower().replace(" ", "_")
-    body = json.dumps({"error": {"code": code, "message": mesg or reason}}).encode()
-    head = (
-        f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    )
-    gunicorn.util.write_nonblock(sock, head.encode("latin-1") + body)
-
-
-gunicorn.util.write_error = _json_error
-
-_process_headers = gunicorn.http.wsgi.Response.process_headers
-
-
-def _process_headers_closing(self, headers) -> None:
-    """Honour the app's ``Connection: close`` (gunicorn drops hop-by-hop headers): the
-    app sends it when it answers without reading the body, after which gunicorn closes
-    the connection anyway; the client must not be told "keep-alive" first."""
-    _process_headers(self, headers)
-    if any(k.lower() == "connection" and v.strip().lower() == "close" for k, v in headers):
-        self.force_close()
-
-
-gunicorn.http.wsgi.Response.process_headers = _process_headers_closing
+install_patches()
 # Workers share the cores: split MXNet's OpenMP threads between them.
 _omp = _int("DIGITSERVE_OMP_THREADS", max(1, _cpus // workers), minimum=1)
-raw_env = [f"OMP_NUM_THREADS={_omp}", f"MXNET_CPU_WORKER_NTHREADS={_omp}"]
+# One thread per worker calls MXNet, so its threaded engine only adds hand-offs: the
+# synchronous NaiveEngine runs the forward on that thread (docs/performance.md).
+_mxnet_engine = os.environ.get("DIGITSERVE_MXNET_ENGINE") or "NaiveEngine"
+raw_env = [
+    f"OMP_NUM_THREADS={_omp}",
+    f"MXNET_CPU_WORKER_NTHREADS={_omp}",
+    f"MXNET_ENGINE_TYPE={_mxnet_engine}",
+]
 
 # Folders this server makes for itself, removed at exit. Kept in the environment, not
 # in this module: gunicorn runs this file again on SIGHUP, and the new copy's on_exit
 # must still know them.
 _MADE = "_DIGITSERVE_MADE_DIRS"  # internal, not a setting
+
+
+def on_starting(server):
+    """With reuse_port the workers bind, not the master: a port already taken (by any
+    socket, another digitserve's included) stops the start here, once, instead of every
+    worker failing to bind and being restarted."""
+    if not reuse_port:
+        return
+    for address in server.cfg.address:
+        if not isinstance(address, tuple):
+            continue
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise SystemExit(f"digitserve: Connection in use: {address}: {exc}") from None
 
 
 def when_ready(server):

@@ -34,10 +34,6 @@ class LoadedModel:
         return self.version.name
 
     @property
-    def number(self) -> int:
-        return self.version.version
-
-    @property
     def manifest(self) -> dict:
         return self.version.manifest
 
@@ -48,7 +44,9 @@ class LoadedModel:
         running statistics and Dropout is the identity, so each row depends only
         on its own image.
         """
-        return self.block(mx.nd.array(batch, dtype="float32")).asnumpy()
+        # Zero-copy: the engine's thread keeps ``batch`` alive and unchanged meanwhile.
+        data = mx.nd.from_numpy(np.ascontiguousarray(batch, dtype=np.float32), zero_copy=True)
+        return self.block(data).asnumpy()
 
     def self_test(self) -> None:
         """One forward on a blank input: a version that cannot run, whose outputs do not
