@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -141,8 +142,36 @@ def test_temp_folders_go_after_a_reload_and_after_a_failed_start(start_server, t
     assert not list(tmp.iterdir()), "a failed start left temp folders"
 
 
+def listening_inodes(pid: int, port: int) -> set[str]:
+    """The inodes of the sockets listening on ``port`` that process ``pid`` holds."""
+    listening = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                listening.add(fields[9])
+    held = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                held.add(target[8:-1])
+    return listening & held
+
+
+def test_each_worker_listens_on_a_socket_of_its_own(start_server):
+    """The kernel spreads connections over the workers' SO_REUSEPORT sockets; on one
+    shared socket 32 kept-alive connections split 31/1 and ran at half the rate."""
+    server = start_server({}, workers=2)
+    pids = server.worker_pids()
+    sockets = [listening_inodes(pid, server.port) for pid in pids]
+    assert len(pids) == 2 and all(len(s) == 1 for s in sockets), sockets
+    assert sockets[0] != sockets[1]
+    assert not listening_inodes(server.proc.pid, server.port)  # the master accepts nothing
+
+
 def test_a_worker_takes_requests_only_once_its_start_up_load_is_done(start_server):
-    """The workers share one listening socket: once any answers /ready, all must."""
+    """Once any worker answers /ready, all must: a worker still loading answers nothing."""
     server = start_server({}, workers=2, wait=False)
     deadline = time.monotonic() + 60
     while True:
