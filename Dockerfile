@@ -49,7 +49,7 @@ ARG SHIPPED_MODEL=mnist/1
 ENV DIGITSERVE_STORE=/app/model_store
 WORKDIR /app
 COPY --chown=app:app model_store/${SHIPPED_MODEL} /app/model_store/${SHIPPED_MODEL}
-COPY service /app/service
+COPY store /app/store
 
 # ---- train: `python -m training.train`, publishing into $DIGITSERVE_STORE -------
 FROM runtime AS train
@@ -66,6 +66,7 @@ CMD ["--no-progress"]
 # ---- serve (default): gunicorn as PID 1, so SIGTERM stops it gracefully ----------
 FROM runtime AS serve
 COPY --from=builder /opt/venv /opt/venv
+COPY service /app/service
 USER 10001:10001
 ENV DIGITSERVE_BIND=0.0.0.0:8000
 EXPOSE 8000

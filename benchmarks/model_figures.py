@@ -11,8 +11,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from service import model as serving
-from service.store import ModelStore
+from store import ModelStore, loading
 from training.data import load_split
 from training.evaluate import evaluate, format_confusion, parse_ref
 from training.train import describe_timing
@@ -36,7 +35,7 @@ def main() -> None:
             f"loss {row['test_loss']:.4f}, {row['epoch_seconds']:.1f} s"
         )
     test = load_split("test", args.data_dir)
-    loaded = serving.load(mv)
+    loaded = loading.load(mv)
     norm = m["normalization"]
     started = time.perf_counter()
     result = evaluate(loaded.logits, test, norm["mean"], norm["std"])

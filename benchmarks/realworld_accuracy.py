@@ -16,9 +16,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from service import model as serving
 from service import preprocessing
-from service.store import ModelStore
+from store import ModelStore, loading
 from tests import images
 from training.data import load_split, to_input
 
@@ -30,7 +29,7 @@ def main() -> None:
     p.add_argument("--data-dir", default=None)
     args = p.parse_args()
     mv = ModelStore(args.store).resolve("mnist")
-    model = serving.load(mv)
+    model = loading.load(mv)
     norm = mv.manifest["normalization"]
     test = load_split("test", args.data_dir)
     idx = np.random.default_rng(0).choice(len(test), min(args.n, len(test)), replace=False)

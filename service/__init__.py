@@ -1,5 +1,2 @@
-"""digitserve inference service.
-
-Kept import-light on purpose: the training code imports `service.store` and
-`service.preprocessing` (the contracts they share) without pulling in Flask.
-"""
+"""digitserve inference service: the Flask app (``service.app.create_app``), served
+by gunicorn (``service/gunicorn.conf.py``). It reads models through ``store``."""

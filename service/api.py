@@ -14,7 +14,8 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from service import errors, handler, metrics
 from service.config import Config
 from service.inference import InferenceEngine
-from service.store import ModelVersion, StoreError, is_version
+from store import ModelVersion, StoreError
+from store.manifest import is_version
 
 bp = Blueprint("api", __name__)
 

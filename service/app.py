@@ -20,7 +20,7 @@ from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestEntity
 from service import api, errors, metrics, v2
 from service.config import Config
 from service.inference import InferenceEngine
-from service.store import StoreError
+from store import StoreError
 
 log = logging.getLogger("service")
 

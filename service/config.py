@@ -9,7 +9,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from service.store import StoreError, is_version, validate_name
+from store import DEFAULT_ROOT, StoreError
+from store.manifest import is_version, validate_name
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENV_PREFIX = "DIGITSERVE_"
@@ -19,7 +20,7 @@ MAX_SECONDS = 86_400.0
 @dataclass(frozen=True)
 class Config:
     # Where the model comes from.
-    STORE: str = str(REPO_ROOT / "model_store")  # model store folder
+    STORE: str = str(DEFAULT_ROOT)  # model store folder
     MODEL_NAME: str = "mnist"
     MODEL_VERSION: int | None = None  # pin a version; unset: newest, hot-swapped
     POLL_SECONDS: float = 2.0  # how often each worker looks for a new version (0: never)

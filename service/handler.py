@@ -25,7 +25,7 @@ from service import errors, preprocessing
 from service.batching import Prediction
 from service.config import Config
 from service.inference import InferenceEngine
-from service.store import ModelVersion
+from store import ModelVersion
 
 RAW_TYPES = ("image/", "application/octet-stream")
 # data:[<media type>][;<parameter>...];base64, -- the media type and parameters may be empty

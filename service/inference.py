@@ -29,7 +29,7 @@ from service import errors
 from service.batching import AdaptiveBatcher, Job, Prediction
 from service.config import Config
 from service.registry import Loader, VersionRegistry, default_loader
-from service.store import ModelStore, ModelVersion
+from store import ModelStore, ModelVersion
 
 __all__ = ["InferenceEngine", "Prediction"]
 

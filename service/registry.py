@@ -2,7 +2,7 @@
 
 Its methods that load or refuse run on the engine's thread only (``refresh``,
 ``model``); request threads read ``current``, ``refused`` and ``manifest``.
-The loader is passed in: the service gives ``service.model.load``, unit tests a
+The loader is passed in: the service gives ``store.loading.load``, unit tests a
 numpy stand-in, so the lifecycle is tested without MXNet.
 """
 
@@ -17,7 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from service import errors, metrics
-from service.store import ModelNotFound, ModelStore, ModelVersion, StoreError
+from store import ModelNotFound, ModelStore, ModelVersion, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +33,15 @@ FolderSignature = tuple[tuple[str, int, int], ...] | None
 
 
 def default_loader(version: ModelVersion) -> Model:
-    from service import model  # mxnet is imported on the engine thread only
+    from store import loading  # mxnet is imported on the engine thread only
 
-    return model.load(version)
+    return loading.load(version)
 
 
 def default_failure_reason(exc: BaseException) -> str:
-    from service import model
+    from store import loading
 
-    return model.failure_reason(exc)
+    return loading.failure_reason(exc)
 
 
 class VersionRegistry:

@@ -18,7 +18,7 @@ import requests
 from hypothesis import settings
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.store import ModelStore
+from store import ModelStore
 from training.data import SHARED_DIR, Split, load_split, read_md5sums
 
 # No per-example deadline: a loaded 2-core machine stalls now and then. In CI, fixed

@@ -16,8 +16,8 @@ import requests
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from service import model as serving
-from service.store import ModelStore
+from store import ModelStore, loading
+from store.publishing import publish
 from training.data import to_input
 
 from . import images
@@ -34,7 +34,7 @@ def png(digit: np.ndarray) -> bytes:
 def digits(sample_test) -> list[tuple[np.ndarray, int]]:
     """Ten sample digits, one per class, that the shipped model gets right offline."""
     mv = ModelStore(SHIPPED_STORE).resolve("mnist")
-    loaded = serving.load(mv)
+    loaded = loading.load(mv)
     norm = mv.manifest["normalization"]
     probs = loaded.predict(to_input(sample_test.images, norm["mean"], norm["std"]))
     chosen = {}
@@ -559,7 +559,7 @@ def _clone_version(source: ModelStore, target: ModelStore, note: str, corrupt=No
         for k, v in mv.manifest.items()
         if k not in ("name", "version", "artifacts", "schema_version")
     }
-    published = target.publish("mnist", write, {**manifest, "note": note})
+    published = publish(target, "mnist", write, {**manifest, "note": note})
     if corrupt:
         corrupt(published)
     return published.version
@@ -656,7 +656,7 @@ def test_version_that_mxnet_cannot_load_is_refused(start_server, tmp_path, digit
         for k, v in mv.manifest.items()
         if k not in ("name", "version", "artifacts", "schema_version")
     }
-    broken = store.publish("mnist", write, manifest).version
+    broken = publish(store, "mnist", write, manifest).version
     server = start_server({"DIGITSERVE_STORE": str(store_dir)})
     assert requests.get(f"{server.url}/metadata").json()["version"] == first
     refused = [

@@ -16,7 +16,7 @@ from prometheus_client import REGISTRY
 from service import errors
 from service.config import Config
 from service.inference import InferenceEngine
-from service.store import ModelStore
+from store import ModelStore
 from training.data import to_input
 
 

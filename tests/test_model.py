@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from mxnet import autograd, gluon
 
-from service import model as serving
-from service.store import ModelStore
+from store import ModelStore, loading
+from store.publishing import publish
 from training.data import to_input
 from training.model import build_net
 from training.train import TrainConfig, seed_everything, train
@@ -98,7 +98,7 @@ def test_export_round_trip_through_the_store(tiny_store, sample_test):
 
     mv = tiny_store.resolve("mnist")
     assert mv.manifest["metrics"]["export_max_abs_diff"] <= 1e-5
-    loaded = serving.load(mv)
+    loaded = loading.load(mv)
     norm = mv.manifest["normalization"]
     x = to_input(sample_test.images[:64], norm["mean"], norm["std"])
     probs = loaded.predict(x)
@@ -192,7 +192,7 @@ def test_ctrl_c_or_sigterm_during_training_publishes_nothing(tmp_path, sig):
 
 
 def test_ctrl_c_after_the_version_went_live_says_so(tmp_path, monkeypatch, capsys):
-    from service.store import PublishInterrupted
+    from store import PublishInterrupted
     from training import train as train_module
 
     def published_then_interrupted(*args, **kwargs):
@@ -326,7 +326,7 @@ def test_nan_weights_are_never_exported(sample_test, tmp_path):
 
 
 def test_an_export_that_cannot_be_written_is_a_store_error(sample_test, tmp_path, monkeypatch):
-    from service.store import StoreError
+    from store import StoreError
     from training.train import TrainResult, export_and_check
 
     net = build_net("mlp")
@@ -356,9 +356,9 @@ def test_a_nan_model_is_refused_at_load_and_by_evaluate(tiny_store, tmp_path):
         nan_net().export(str(folder / "mnist"), epoch=0)
         return {"symbol": "mnist-symbol.json", "params": "mnist-0000.params"}
 
-    mv = store.publish("mnist", write, manifest)
+    mv = publish(store, "mnist", write, manifest)
     with pytest.raises(ValueError, match="not finite"):
-        serving.load(mv)
+        loading.load(mv)
     proc = run(
         [
             *(sys.executable, "-m", "training.evaluate", "mnist", "--store", str(store.root)),

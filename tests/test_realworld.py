@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service import model as serving
 from service import preprocessing
+from store import loading
 from training.data import to_input
 
 from . import images
@@ -17,7 +17,7 @@ from . import images
 @pytest.fixture(scope="module")
 def shipped(shipped_store):
     mv = shipped_store.resolve("mnist")
-    return serving.load(mv), mv.manifest["normalization"]
+    return loading.load(mv), mv.manifest["normalization"]
 
 
 @pytest.mark.parametrize(

@@ -14,17 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from service import store as store_module
-from service.store import (
+from store import (
     ManifestError,
     ModelNotFound,
     ModelStore,
     PublishInterrupted,
     StoreError,
     VerificationError,
-    validate_manifest,
-    validate_name,
+    publishing,
 )
+from store.manifest import validate_manifest, validate_name
+from store.publishing import check_writable, publish
 
 BASE_MANIFEST = {
     "created": "2026-01-01T00:00:00+00:00",
@@ -49,8 +49,8 @@ def test_publish_resolve_and_verify(tmp_path):
     assert store.versions("m") == []
     with pytest.raises(ModelNotFound):
         store.resolve("m")
-    v1 = store.publish("m", fake_artifacts(b"one"), BASE_MANIFEST)
-    v2 = store.publish("m", fake_artifacts(b"two"), BASE_MANIFEST)
+    v1 = publish(store, "m", fake_artifacts(b"one"), BASE_MANIFEST)
+    v2 = publish(store, "m", fake_artifacts(b"two"), BASE_MANIFEST)
     assert (v1.version, v2.version) == (1, 2)
     assert store.versions("m") == [1, 2]
     assert store.models() == ["m"]
@@ -66,7 +66,7 @@ def test_publish_resolve_and_verify(tmp_path):
 
 
 def test_corrupt_params_fail_verification(tmp_path):
-    mv = ModelStore(tmp_path).publish("m", fake_artifacts(), BASE_MANIFEST)
+    mv = publish(ModelStore(tmp_path), "m", fake_artifacts(), BASE_MANIFEST)
     mv.params_file.write_bytes(b"weightz")
     with pytest.raises(VerificationError, match=r"params file m-0000\.params is corrupt"):
         mv.verify()
@@ -108,7 +108,7 @@ ZEROS = "0" * 64
     ],
 )
 def test_bad_manifest_rejected(tmp_path, mutate, message):
-    mv = ModelStore(tmp_path).publish("m", fake_artifacts(), BASE_MANIFEST)
+    mv = publish(ModelStore(tmp_path), "m", fake_artifacts(), BASE_MANIFEST)
     data = json.loads((mv.path / "manifest.json").read_text())
     mutate(data)
     with pytest.raises(ManifestError, match=message):
@@ -121,7 +121,7 @@ def test_bad_manifest_rejected(tmp_path, mutate, message):
 def test_an_unreadable_version_folder_is_listed_and_refused_alone(tmp_path):
     store = ModelStore(tmp_path)
     for _ in range(3):
-        store.publish("m", fake_artifacts(), BASE_MANIFEST)
+        publish(store, "m", fake_artifacts(), BASE_MANIFEST)
     locked = tmp_path / "m" / "2"
     real_is_file, real_read_text = Path.is_file, Path.read_text
 
@@ -144,7 +144,7 @@ def test_an_unreadable_version_folder_is_listed_and_refused_alone(tmp_path):
 
 def test_an_unlistable_model_folder_is_a_store_error(tmp_path, monkeypatch):
     store = ModelStore(tmp_path)
-    store.publish("m", fake_artifacts(), BASE_MANIFEST)
+    publish(store, "m", fake_artifacts(), BASE_MANIFEST)
 
     def iterdir(path: Path):
         raise PermissionError(13, "Permission denied", str(path))
@@ -156,7 +156,7 @@ def test_an_unlistable_model_folder_is_a_store_error(tmp_path, monkeypatch):
 
 def test_unreadable_manifest_and_mismatched_version(tmp_path):
     store = ModelStore(tmp_path)
-    mv = store.publish("m", fake_artifacts(), BASE_MANIFEST)
+    mv = publish(store, "m", fake_artifacts(), BASE_MANIFEST)
     (mv.path / "manifest.json").write_text("{not json")
     with pytest.raises(ManifestError, match="unreadable"):
         store.get("m", 1)
@@ -164,7 +164,7 @@ def test_unreadable_manifest_and_mismatched_version(tmp_path):
         f.truncate(1 << 30)
     with pytest.raises(ManifestError, match="the limit is"):
         store.get("m", 1)
-    good = store.publish("m", fake_artifacts(), BASE_MANIFEST)
+    good = publish(store, "m", fake_artifacts(), BASE_MANIFEST)
     os.rename(good.path, tmp_path / "m" / "7")
     with pytest.raises(ManifestError, match="folder says 7"):
         store.get("m", 7)
@@ -175,7 +175,7 @@ def test_invalid_names_and_ignored_entries(tmp_path):
     for bad in ("", "../x", "Upper", "a/b", ".hidden"):
         with pytest.raises(StoreError):
             store.versions(bad)
-    store.publish("m", fake_artifacts(), BASE_MANIFEST)
+    publish(store, "m", fake_artifacts(), BASE_MANIFEST)
     (tmp_path / "m" / "2").mkdir()  # no manifest: not a version
     (tmp_path / "m" / ".tmp-abc").mkdir()
     (tmp_path / "m" / "latest").mkdir()
@@ -184,13 +184,13 @@ def test_invalid_names_and_ignored_entries(tmp_path):
 
 def test_version_numbers_are_never_reused(tmp_path):
     store = ModelStore(tmp_path)
-    store.publish("m", fake_artifacts(), BASE_MANIFEST)
-    v2 = store.publish("m", fake_artifacts(), BASE_MANIFEST)
+    publish(store, "m", fake_artifacts(), BASE_MANIFEST)
+    v2 = publish(store, "m", fake_artifacts(), BASE_MANIFEST)
     shutil.rmtree(v2.path)  # an operator deletes the newest version
-    assert store.publish("m", fake_artifacts(), BASE_MANIFEST).version == 3
+    assert publish(store, "m", fake_artifacts(), BASE_MANIFEST).version == 3
     (tmp_path / "m" / "4").mkdir()  # a stray, incomplete version folder
     (tmp_path / "m" / "4" / "junk").write_text("x")
-    assert store.publish("m", fake_artifacts(), BASE_MANIFEST).version == 5
+    assert publish(store, "m", fake_artifacts(), BASE_MANIFEST).version == 5
     assert store.versions("m") == [1, 3, 5]
 
 
@@ -198,11 +198,11 @@ def test_unwritable_store_is_a_store_error(tmp_path):
     (tmp_path / "file").write_text("not a folder")
     store = ModelStore(tmp_path / "file")
     with pytest.raises(StoreError, match="cannot publish"):
-        store.check_writable("m")
+        check_writable(store, "m")
     with pytest.raises(StoreError):
-        store.publish("m", fake_artifacts(), BASE_MANIFEST)
+        publish(store, "m", fake_artifacts(), BASE_MANIFEST)
     with pytest.raises(StoreError, match="invalid model name"):
-        ModelStore(tmp_path).check_writable("Bad Name")
+        check_writable(ModelStore(tmp_path), "Bad Name")
 
 
 def test_failed_publish_leaves_nothing(tmp_path):
@@ -213,7 +213,7 @@ def test_failed_publish_leaves_nothing(tmp_path):
         raise RuntimeError("export failed")
 
     with pytest.raises(RuntimeError):
-        store.publish("m", boom, BASE_MANIFEST)
+        publish(store, "m", boom, BASE_MANIFEST)
     assert store.versions("m") == []
     assert not list((tmp_path / "m").glob(".tmp-*"))
 
@@ -221,7 +221,8 @@ def test_failed_publish_leaves_nothing(tmp_path):
 KILLED_PUBLISHER = """
 import sys, time
 from pathlib import Path
-from service.store import ModelStore
+from store import ModelStore
+from store.publishing import publish
 sys.path.insert(0, {tests!r})
 from test_store import BASE_MANIFEST, fake_artifacts
 def slow(folder: Path):
@@ -229,7 +230,7 @@ def slow(folder: Path):
     print("writing", flush=True)
     time.sleep(60)
     return files
-ModelStore({root!r}).publish("m", slow, BASE_MANIFEST)
+publish(ModelStore({root!r}), "m", slow, BASE_MANIFEST)
 """
 
 
@@ -245,12 +246,12 @@ def test_publish_killed_half_way_leaves_no_version(tmp_path):
     store = ModelStore(tmp_path)
     assert store.versions("m") == []
     assert list((tmp_path / "m").glob(".tmp-*")), "the half-written version stays hidden"
-    assert store.publish("m", fake_artifacts(), BASE_MANIFEST).version == 1
+    assert publish(store, "m", fake_artifacts(), BASE_MANIFEST).version == 1
     assert list((tmp_path / "m").glob(".tmp-*")), "a recent one may be a live publisher's"
     stale = time.time() - 7200
     for p in (tmp_path / "m").glob(".tmp-*"):
         os.utime(p, (stale, stale))
-    assert store.publish("m", fake_artifacts(), BASE_MANIFEST).version == 2
+    assert publish(store, "m", fake_artifacts(), BASE_MANIFEST).version == 2
     assert not list((tmp_path / "m").glob(".tmp-*")), "an hour-old one is removed by a publish"
 
 
@@ -258,7 +259,7 @@ def _publish_many(root: str, start: float, payload: bytes) -> list[int]:
     while time.time() < start:
         time.sleep(0.001)
     store = ModelStore(root)
-    return [store.publish("m", fake_artifacts(payload), BASE_MANIFEST).version for _ in range(5)]
+    return [publish(store, "m", fake_artifacts(payload), BASE_MANIFEST).version for _ in range(5)]
 
 
 def test_concurrent_publishers_get_distinct_versions(tmp_path):
@@ -280,17 +281,17 @@ def test_names_and_versions_with_a_trailing_newline_are_not_taken(tmp_path):
     with pytest.raises(StoreError, match="invalid model name"):
         validate_name("mnist\n")
     store = ModelStore(tmp_path)
-    store.publish("m", fake_artifacts(), BASE_MANIFEST)
+    publish(store, "m", fake_artifacts(), BASE_MANIFEST)
     shutil.copytree(tmp_path / "m" / "1", tmp_path / "m" / "2\n")
     assert store.versions("m") == [1]
-    assert store.publish("m", fake_artifacts(), BASE_MANIFEST).version == 2
+    assert publish(store, "m", fake_artifacts(), BASE_MANIFEST).version == 2
 
 
 def test_checking_a_store_creates_nothing_and_publish_makes_the_folders(tmp_path):
     store = ModelStore(tmp_path / "new" / "store")
-    assert store.check_writable("m") == tmp_path / "new" / "store" / "m"
+    assert check_writable(store, "m") == tmp_path / "new" / "store" / "m"
     assert not (tmp_path / "new").exists()  # a run that fails later leaves nothing behind
-    assert store.publish("m", fake_artifacts(), BASE_MANIFEST).version == 1
+    assert publish(store, "m", fake_artifacts(), BASE_MANIFEST).version == 1
     with pytest.raises(ModelNotFound, match="does not exist"):
         ModelStore(tmp_path / "missing").resolve("m")
 
@@ -298,23 +299,23 @@ def test_checking_a_store_creates_nothing_and_publish_makes_the_folders(tmp_path
 def test_the_high_water_mark_is_replaced_whole(tmp_path):
     store = ModelStore(tmp_path)
     for _ in range(3):
-        store.publish("m", fake_artifacts(), BASE_MANIFEST)
+        publish(store, "m", fake_artifacts(), BASE_MANIFEST)
     assert (tmp_path / "m" / ".last_version").read_text() == "3\n"
     assert not list((tmp_path / "m").glob(".last_version.*"))
 
 
 def test_an_interrupt_after_the_rename_reports_the_version_as_published(tmp_path, monkeypatch):
     store = ModelStore(tmp_path)
-    fsync_dir = store_module._fsync_dir
+    fsync_dir = publishing._fsync_dir
 
     def interrupted(path):  # the model folder is flushed right after the rename
         if Path(path) == tmp_path / "m":
             raise KeyboardInterrupt
         fsync_dir(path)
 
-    monkeypatch.setattr(store_module, "_fsync_dir", interrupted)
+    monkeypatch.setattr(publishing, "_fsync_dir", interrupted)
     with pytest.raises(PublishInterrupted) as exc:
-        store.publish("m", fake_artifacts(), BASE_MANIFEST)
+        publish(store, "m", fake_artifacts(), BASE_MANIFEST)
     assert exc.value.version == 1 and store.versions("m") == [1]
 
     def failing(path):
@@ -322,9 +323,9 @@ def test_an_interrupt_after_the_rename_reports_the_version_as_published(tmp_path
             raise OSError(5, "Input/output error")
         fsync_dir(path)
 
-    monkeypatch.setattr(store_module, "_fsync_dir", failing)
+    monkeypatch.setattr(publishing, "_fsync_dir", failing)
     with pytest.raises(StoreError, match=r"'m' v2 is published, but then: .*Input/output error"):
-        store.publish("m", fake_artifacts(), BASE_MANIFEST)
+        publish(store, "m", fake_artifacts(), BASE_MANIFEST)
     assert store.versions("m") == [1, 2]
 
 
@@ -336,7 +337,7 @@ def test_an_interrupt_after_the_rename_reports_the_version_as_published(tmp_path
     ],
 )
 def test_hostile_manifest_text_is_a_manifest_error(tmp_path, text, message):
-    mv = ModelStore(tmp_path).publish("m", fake_artifacts(), BASE_MANIFEST)
+    mv = publish(ModelStore(tmp_path), "m", fake_artifacts(), BASE_MANIFEST)
     (mv.path / "manifest.json").write_text(text)
     with pytest.raises(ManifestError, match=message):
         ModelStore(tmp_path).get("m", 1)
@@ -355,7 +356,7 @@ def test_hostile_manifest_text_is_a_manifest_error(tmp_path, text, message):
     ],
 )
 def test_metrics_the_service_shows_must_be_well_formed(tmp_path, metrics, message):
-    mv = ModelStore(tmp_path).publish("m", fake_artifacts(), BASE_MANIFEST)
+    mv = publish(ModelStore(tmp_path), "m", fake_artifacts(), BASE_MANIFEST)
     text = (mv.path / "manifest.json").read_text()
     (mv.path / "manifest.json").write_text(text.replace("{", "{" + metrics + ", ", 1))
     with pytest.raises(ManifestError, match=message):
@@ -365,22 +366,22 @@ def test_metrics_the_service_shows_must_be_well_formed(tmp_path, metrics, messag
 def test_a_manifest_with_nan_is_not_published_and_uses_no_number(tmp_path):
     store = ModelStore(tmp_path)
     with pytest.raises(ManifestError, match="JSON cannot represent"):
-        store.publish("m", fake_artifacts(), {**BASE_MANIFEST, "metrics": {"loss": float("nan")}})
+        publish(store, "m", fake_artifacts(), {**BASE_MANIFEST, "metrics": {"loss": float("nan")}})
     with pytest.raises(ManifestError, match="std in"):
         flat = {**BASE_MANIFEST, "normalization": {"mean": 0, "std": 0}}
-        store.publish("m", fake_artifacts(), flat)
+        publish(store, "m", fake_artifacts(), flat)
     assert not (tmp_path / "m").exists()  # nothing left, not even the model folder
-    assert store.publish("m", fake_artifacts(), BASE_MANIFEST).version == 1
+    assert publish(store, "m", fake_artifacts(), BASE_MANIFEST).version == 1
 
 
 def test_the_version_numbers_run_out_cleanly(tmp_path):
     store = ModelStore(tmp_path)
-    store.publish("m", fake_artifacts(), BASE_MANIFEST)
+    publish(store, "m", fake_artifacts(), BASE_MANIFEST)
     (tmp_path / "m" / ".last_version").write_text("999999999\n")
     with pytest.raises(StoreError, match="used every version number up to 999999999"):
-        store.check_writable("m")  # before any training
+        check_writable(store, "m")  # before any training
     with pytest.raises(StoreError, match="used every version number up to 999999999"):
-        store.publish("m", fake_artifacts(), BASE_MANIFEST)
+        publish(store, "m", fake_artifacts(), BASE_MANIFEST)
     assert store.versions("m") == [1] and not list((tmp_path / "m").glob("1000000000"))
 
 
@@ -389,14 +390,14 @@ def test_a_broken_symlink_as_the_store_is_refused_before_any_work(tmp_path, kind
     link = tmp_path / "store"
     link.symlink_to(tmp_path / ("nowhere" if kind == "dangling" else "store"))
     with pytest.raises(StoreError, match="store is a broken symbolic link"):
-        ModelStore(link).check_writable("m")
+        check_writable(ModelStore(link), "m")
 
 
 @pytest.mark.parametrize("special", [".publish.lock", ".last_version"])
 def test_a_folder_in_place_of_the_store_bookkeeping_is_refused_up_front(tmp_path, special):
     (tmp_path / "m" / special).mkdir(parents=True)
     with pytest.raises(StoreError, match=f"{special} is in the way"):
-        ModelStore(tmp_path).check_writable("m")
+        check_writable(ModelStore(tmp_path), "m")
 
 
 def test_a_failed_first_publish_removes_every_folder_it_made(tmp_path):
@@ -406,7 +407,7 @@ def test_a_failed_first_publish_removes_every_folder_it_made(tmp_path):
         raise RuntimeError("export failed")
 
     with pytest.raises(RuntimeError):
-        store.publish("m", failing, BASE_MANIFEST)
+        publish(store, "m", failing, BASE_MANIFEST)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -419,9 +420,9 @@ def test_an_interrupt_as_the_rename_returns_still_reports_the_version(tmp_path, 
         real_rename(src, dst)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(store_module.os, "rename", rename_then_interrupt)
+    monkeypatch.setattr(publishing.os, "rename", rename_then_interrupt)
     with pytest.raises(PublishInterrupted) as exc:
-        store.publish("m", fake_artifacts(), BASE_MANIFEST)
+        publish(store, "m", fake_artifacts(), BASE_MANIFEST)
     assert exc.value.version == 1 and store.versions("m") == [1]
 
 
@@ -429,5 +430,5 @@ def test_a_manifest_too_big_to_read_back_is_not_published(tmp_path):
     store = ModelStore(tmp_path)
     huge = {**BASE_MANIFEST, "history": ["x" * 1000] * 5000}
     with pytest.raises(ManifestError, match="manifest is over"):
-        store.publish("m", fake_artifacts(), huge)
+        publish(store, "m", fake_artifacts(), huge)
     assert not (tmp_path / "m").exists()

@@ -20,14 +20,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service import model as serving
-from service.config import Config
-from service.store import ManifestError, ModelStore, StoreError, is_version
+from store import DEFAULT_ROOT, ManifestError, ModelStore, StoreError, loading
+from store.manifest import is_version
 from training.cli import folder
 from training.data import DataError, Split, load_split, to_input
 
 # The service's store unless told otherwise: $DIGITSERVE_STORE, else the repo's model_store/.
-DEFAULT_STORE = os.environ.get("DIGITSERVE_STORE") or Config.STORE
+DEFAULT_STORE = os.environ.get("DIGITSERVE_STORE") or str(DEFAULT_ROOT)
 
 
 @dataclass
@@ -106,10 +105,10 @@ def run(name: str, version: int | None, store: str, data_dir: str | None) -> int
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        loaded = serving.load(mv)
+        loaded = loading.load(mv)
     except Exception as exc:  # what the service would refuse, refused with its reason
         print(
-            f"error: {name} v{mv.version} cannot be loaded: {serving.failure_reason(exc)}",
+            f"error: {name} v{mv.version} cannot be loaded: {loading.failure_reason(exc)}",
             file=sys.stderr,
         )
         return 2

@@ -34,7 +34,8 @@ with warnings.catch_warnings():
     import mxnet as mx
     from mxnet import autograd, gluon
 
-from service.store import MIN_STD, ModelStore, ModelVersion, PublishInterrupted, StoreError
+from store import ModelStore, ModelVersion, PublishInterrupted, StoreError, publishing
+from store.manifest import MIN_STD
 from training.cli import bounded, folder
 from training.data import FILES, DataError, Split, batches, load_split, pixel_stats, to_input
 from training.evaluate import DEFAULT_STORE, evaluate
@@ -295,7 +296,7 @@ def publish(
         manifest["metrics"] = metrics  # read by publish() after this returns
         return files
 
-    return store.publish(name, write, manifest)
+    return publishing.publish(store, name, write, manifest)
 
 
 POSITIVE_INT = bounded(int, lambda v: v >= 1, "an integer of at least 1")
@@ -385,7 +386,7 @@ def train_and_publish(args: argparse.Namespace, cfg: TrainConfig, command: str) 
     version = None
     try:
         store = ModelStore(args.store)
-        store.check_writable(args.name)  # before minutes of training, not after
+        publishing.check_writable(store, args.name)  # before minutes of training, not after
         train_split = load_split("train", args.data_dir)
         test_split = load_split("test", args.data_dir)
         for warning in doubtful_data(train_split, test_split, cfg.limit_train):

@@ -1,7 +1,8 @@
-"""Load an exported version from the store and run it in inference mode.
+"""Load an exported version as it is served and run it in inference mode.
 
-Used by the service's inference thread and by ``training.evaluate``, so what is
-evaluated offline is exactly what is served.
+Used by the service's inference thread and by ``training.evaluate`` and
+``training.train`` (the export check), so what is evaluated offline is exactly
+what is served. Imports mxnet: import it where a model is loaded, not for reading.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.store import ModelVersion
+from store.reading import ModelVersion
 
 with warnings.catch_warnings():  # mxnet 1.9.1 imports deprecated numpy/stdlib APIs
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -73,7 +74,7 @@ class LoadedModel:
 def load(version: ModelVersion, ctx: mx.Context | None = None) -> LoadedModel:
     """Verify the artifacts' sha256, ``SymbolBlock.imports`` them and self-test.
 
-    Raises store.VerificationError for a corrupt version and mxnet.MXNetError
+    Raises VerificationError for a corrupt version and mxnet.MXNetError
     (or ValueError/OSError) for files MXNet cannot load or a model that cannot
     serve; ``failure_reason`` says why in one line.
     """
