@@ -50,6 +50,7 @@ ENV DIGITSERVE_STORE=/app/model_store
 WORKDIR /app
 COPY --chown=app:app model_store/${SHIPPED_MODEL} /app/model_store/${SHIPPED_MODEL}
 COPY store /app/store
+COPY pyproject.toml /app/pyproject.toml
 
 # ---- train: `python -m training.train`, publishing into $DIGITSERVE_STORE -------
 FROM runtime AS train

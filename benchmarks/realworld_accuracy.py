@@ -16,7 +16,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from service import preprocessing
+from service import handler
+from service.config import Config
 from store import ModelStore, loading
 from tests import images
 from training.data import load_split, to_input
@@ -49,14 +50,7 @@ def main() -> None:
         rng = np.random.default_rng(1)
         files = [render(d, rng) for d in digits]
         started = time.perf_counter()
-        batch = np.stack(
-            [
-                preprocessing.preprocess(
-                    f, mean=norm["mean"], std=norm["std"], max_pixels=40_000_000
-                )
-                for f in files
-            ]
-        )
+        batch = np.stack([handler.preprocess([f], norm, Config())[0] for f in files])
         ms = (time.perf_counter() - started) / len(files) * 1000
         accuracy = (model.predict(batch).argmax(1) == labels).mean()
         print(

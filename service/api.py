@@ -53,7 +53,7 @@ def classify(version: int | None) -> Response:
     mv = eng.version_for(version)
     eng.check_capacity(len(images))
     with eng.preparing():  # the forward under way may wait for these images
-        batch = handler.preprocess(images, mv, cfg)
+        batch = handler.preprocess(images, mv.manifest["normalization"], cfg)
         future = handler.inference(eng, batch, mv)
     prediction = eng.result(future)
     body = handler.postprocess(prediction, mv.manifest["labels"])

@@ -21,11 +21,13 @@ from typing import Any
 import numpy as np
 from flask import Request
 
-from service import errors, preprocessing
+from service import decoding, errors
 from service.batching import Prediction
 from service.config import Config
 from service.inference import InferenceEngine
+from service.mnist_form import MNIST_SIZE, WORK_SIZE, to_mnist
 from store import ModelVersion
+from store.manifest import normalize
 
 RAW_TYPES = ("image/", "application/octet-stream")
 # data:[<media type>][;<parameter>...];base64, -- the media type and parameters may be empty
@@ -148,13 +150,14 @@ def _b64decode(item: Any, index: int) -> bytes:
         raise errors.BadRequest(f"image {index} is not valid base64", code="bad_base64") from exc
 
 
-def preprocess(images: list[bytes], version: ModelVersion, config: Config) -> np.ndarray:
-    """Decode and normalize every image with the answering version's mean/std.
+def preprocess(images: list[bytes], normalization: dict, config: Config) -> np.ndarray:
+    """Decode every image and normalize it as the answering version's manifest says:
+    the model's float32 (N, 1, 28, 28) input.
 
     Every image's header is read and its size checked (alone and all together)
     before any is decompressed: a bomb in the last image costs no decoding of the rest."""
     opened = [
-        _each(i, len(images), preprocessing.open_image, data, max_pixels=config.MAX_IMAGE_PIXELS)
+        _each(i, len(images), decoding.open_image, data, max_pixels=config.MAX_IMAGE_PIXELS)
         for i, data in enumerate(images)
     ]
     total = sum(image.width * image.height for image in opened)
@@ -162,20 +165,19 @@ def preprocess(images: list[bytes], version: ModelVersion, config: Config) -> np
         raise errors.PayloadTooLarge(
             f"the request's images hold {total} pixels; the limit is {config.MAX_REQUEST_PIXELS}"
         )
-    norm = version.manifest["normalization"]
-    batch = np.empty(
-        (len(images), 1, preprocessing.MNIST_SIZE, preprocessing.MNIST_SIZE), dtype=np.float32
-    )
+    batch = np.empty((len(images), 1, MNIST_SIZE, MNIST_SIZE), dtype=np.float32)
     for i, image in enumerate(opened):
-        batch[i] = _each(
-            i,
-            len(images),
-            preprocessing.preprocess_opened,
-            image,
-            mean=norm["mean"],
-            std=norm["std"],
-        )
+        batch[i, 0] = normalize(_each(i, len(images), _digit, image), normalization)
     return batch
+
+
+def _digit(image) -> np.ndarray:
+    """An opened image's 28x28 digit in [0, 1]; a blank image is refused, since the model
+    would answer a confident digit for nothing."""
+    digit = to_mnist(decoding.load_image(image, min_size=WORK_SIZE))
+    if not digit.any():
+        raise errors.InvalidImage("no digit found: the image is blank", code="blank_image")
+    return digit
 
 
 def _each(index: int, count: int, step, *args, **kwargs):

@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 from flask import Blueprint, Response, jsonify, request
 
-from service import errors, handler, metrics
+from service import __version__, errors, handler, metrics
 from service.api import check_model_name, config, engine, parse_version
-from service.preprocessing import normalize
+from store.manifest import normalize
 
 bp = Blueprint("v2", __name__, url_prefix="/v2")
-SERVER = {"name": "digitserve", "version": "0.1.0", "extensions": []}
+SERVER = {"name": "digitserve", "version": __version__, "extensions": []}
 PIXEL_TOLERANCE = 1e-3  # float rounding in a client's 0-1 scaling
 
 
@@ -144,7 +144,7 @@ def infer(name: str, version: str | None = None) -> Response:
             code="bad_tensor",
         )
     norm = mv.manifest["normalization"]
-    batch = np.stack([normalize(img[0], norm["mean"], norm["std"]) for img in pixels])
+    batch = normalize(pixels, norm)
     prediction = engine().predict(batch, mv.version)
     metrics.IMAGES.inc(len(batch))
     probs = prediction.probabilities

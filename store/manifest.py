@@ -10,8 +10,11 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from store.errors import ManifestError, StoreError
 
@@ -132,6 +135,13 @@ def _validate_manifest(data: Any, name: str | None, version: int | None) -> dict
         if not _FILE_RE.fullmatch(art["file"]):
             raise ManifestError(f"manifest artifact {role!r} points outside its version folder")
     return data
+
+
+def normalize(pixels: np.ndarray, normalization: Mapping[str, float]) -> np.ndarray:
+    """Pixels scaled to [0, 1] -> model input, float32 ``(x - mean) / std`` as the
+    manifest's "normalization" says: the one definition training and serving share."""
+    x = np.asarray(pixels, np.float32)
+    return (x - np.float32(normalization["mean"])) / np.float32(normalization["std"])
 
 
 def read(path: Path, *, name: str | None = None, version: int | None = None) -> dict:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import textwrap
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
-from service import errors, handler, preprocessing
+from service import decoding, errors, handler
 from service.config import Config
 
 
@@ -28,20 +27,20 @@ def png(size: tuple[int, int], stroke: bool = True) -> bytes:
     return buf.getvalue()
 
 
-VERSION = SimpleNamespace(manifest={"normalization": {"mean": 0.13, "std": 0.31}})
+NORMALIZATION = {"mean": 0.13, "std": 0.31}
 
 
 @pytest.fixture
 def decoded(monkeypatch) -> list[tuple[int, int]]:
     """The sizes of the images whose pixels were decompressed."""
     seen: list[tuple[int, int]] = []
-    load = preprocessing.load_image
+    load = decoding.load_image
 
     def spy(image, **kwargs):
         seen.append(image.size)
         return load(image, **kwargs)
 
-    monkeypatch.setattr(preprocessing, "load_image", spy)
+    monkeypatch.setattr(decoding, "load_image", spy)
     return seen
 
 
@@ -49,7 +48,7 @@ def test_a_bomb_anywhere_in_the_request_stops_it_before_any_decoding(decoded):
     config = Config(MAX_IMAGE_PIXELS=1_000_000)
     images = [png((28, 28))] * 3 + [png((2000, 2000))]
     with pytest.raises(errors.PayloadTooLarge) as info:
-        handler.preprocess(images, VERSION, config)
+        handler.preprocess(images, NORMALIZATION, config)
     assert info.value.message.startswith("image 3: image is 2000x2000")
     assert decoded == []
 
@@ -58,19 +57,19 @@ def test_the_request_total_is_limited_too(decoded):
     config = Config(MAX_IMAGE_PIXELS=1_000_000, MAX_REQUEST_PIXELS=1_500_000)
     images = [png((1000, 900)), png((1000, 900))]  # each under the image limit
     with pytest.raises(errors.PayloadTooLarge, match="1800000 pixels; the limit is 1500000"):
-        handler.preprocess(images, VERSION, config)
+        handler.preprocess(images, NORMALIZATION, config)
     assert decoded == []
 
 
 def test_images_within_the_limits_are_all_decoded(decoded):
-    batch = handler.preprocess([png((28, 28)), png((300, 200))], VERSION, Config())
+    batch = handler.preprocess([png((28, 28)), png((300, 200))], NORMALIZATION, Config())
     assert batch.shape == (2, 1, 28, 28) and batch.dtype == np.float32
     assert decoded == [(28, 28), (300, 200)]
 
 
 def test_a_blank_image_is_refused_not_answered(decoded):
     with pytest.raises(errors.InvalidImage) as info:
-        handler.preprocess([png((28, 28)), png((280, 280), stroke=False)], VERSION, Config())
+        handler.preprocess([png((28, 28)), png((280, 280), stroke=False)], NORMALIZATION, Config())
     assert info.value.code == "blank_image" and info.value.status == 400
     assert info.value.message == "image 1: no digit found: the image is blank"
 

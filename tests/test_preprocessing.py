@@ -1,4 +1,5 @@
-"""service.preprocessing: decoding every upload format, MNIST normalisation, error mapping.
+"""service.decoding and service.mnist_form, through the handler's preprocess step:
+decoding every upload format, MNIST normalisation, error mapping.
 
 The central promise: a 28x28 digit already in MNIST form goes through bit-exactly, so the
 test set posted over HTTP scores like it does offline. Everything else (formats, photos,
@@ -20,25 +21,28 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageDraw, ImageFile
 
-from service import preprocessing
+from service import handler, mnist_form
+from service.config import Config
+from service.decoding import ALLOWED_FORMATS, decode_image
 from service.errors import ApiError, InvalidImage, PayloadTooLarge, UnsupportedMediaType
-from service.preprocessing import (
-    ALLOWED_FORMATS,
-    DIGIT_BOX,
-    MNIST_SIZE,
-    decode_image,
-    normalize,
-    preprocess,
-    to_mnist,
-)
+from service.mnist_form import DIGIT_BOX, MNIST_SIZE, to_mnist
+from store.manifest import normalize
+from training.data import to_input
 
 from . import images
 
 MEAN, STD = 0.1307, 0.3081
+NORM = {"mean": MEAN, "std": STD}
 MAX_PIXELS = 40_000_000
 FUZZ_MAX_PIXELS = 2_000_000  # mutated headers may declare big images: keep fuzzing cheap
 DIGITS, LABELS = images.sample_digits(10)
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def preprocess(data: bytes, *, mean: float, std: float, max_pixels: int) -> np.ndarray:
+    """One upload through the handler's preprocess step: the model's (1, 28, 28) input."""
+    config = Config(MAX_IMAGE_PIXELS=max_pixels)
+    return handler.preprocess([data], {"mean": mean, "std": std}, config)[0]
 
 
 def mnist(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
@@ -98,7 +102,7 @@ def test_committed_mnist_sample_passes_through_unchanged():
     assert_passes_through(digits[:2000])
     # ...and through the bytes a client posts, in both polarities.
     for digit in digits[:50]:
-        expected = normalize(digit.astype(np.float32) / 255, MEAN, STD)
+        expected = normalize(digit.astype(np.float32)[None] / 255, NORM)
         for paper in (False, True):
             data = images.encode_bytes(digit, "PNG", paper=paper)
             got = preprocess(data, mean=MEAN, std=STD, max_pixels=MAX_PIXELS)
@@ -110,14 +114,14 @@ def test_full_mnist_test_digits_pass_through_unchanged(full_test):
 
 
 def general_path(image: Image.Image) -> np.ndarray | None:
-    return preprocessing._ink(preprocessing._grayscale(image))
+    return mnist_form._ink(mnist_form._grayscale(image))
 
 
 def test_the_mnist_form_fast_path_is_the_general_path_bit_for_bit(full_test):
     taken = 0
     for digit in full_test.images:
         image = Image.fromarray(digit)
-        fast = preprocessing._mnist_form(image)
+        fast = mnist_form._mnist_form(image)
         if fast is not None:
             taken += 1
             np.testing.assert_array_equal(fast, general_path(image))
@@ -139,10 +143,10 @@ def bordered_digits(draw: st.DrawFn) -> np.ndarray:
 @given(bordered_digits())
 def test_the_fast_path_equals_the_general_path_whenever_it_is_taken(digit):
     image = Image.fromarray(digit)
-    fast = preprocessing._mnist_form(image)
+    fast = mnist_form._mnist_form(image)
     if fast is not None:
         np.testing.assert_array_equal(fast, general_path(image))
-        np.testing.assert_array_equal(to_mnist(image), preprocessing._frame(fast))
+        np.testing.assert_array_equal(to_mnist(image), mnist_form._frame(fast))
 
 
 @FUZZ
@@ -152,9 +156,7 @@ def test_the_fast_path_equals_the_general_path_whenever_it_is_taken(digit):
 )
 def test_percentiles_are_numpys_bit_for_bit(values, q):
     array = np.array(values, np.float32)
-    np.testing.assert_array_equal(
-        preprocessing._percentiles(array, tuple(q)), np.percentile(array, q)
-    )
+    np.testing.assert_array_equal(mnist_form._percentiles(array, tuple(q)), np.percentile(array, q))
 
 
 @pytest.mark.slow
@@ -643,21 +645,20 @@ def test_output_is_in_mnist_form_and_a_fixed_point(scene):
 # normalize / preprocess
 
 
-def test_normalize_gives_the_model_input():
-    digit = DIGITS[1].astype(np.float32) / 255
-    out = normalize(digit, MEAN, STD)
+def test_normalize_gives_the_model_input_as_training_does():
+    digit = DIGITS[1].astype(np.float32)[None] / 255
+    out = normalize(digit, NORM)
     assert out.shape == (1, MNIST_SIZE, MNIST_SIZE) and out.dtype == np.float32
-    np.testing.assert_allclose(out[0], (digit - MEAN) / STD, rtol=1e-6)
-    with pytest.raises(ValueError):
-        normalize(np.zeros((1, 28, 28), np.float32), MEAN, STD)
-    with pytest.raises(ValueError):
-        normalize(digit, MEAN, 0.0)
+    np.testing.assert_allclose(out[0], (digit[0] - MEAN) / STD, rtol=1e-6)
+    # Training's input is the same function, bit for bit (a std of 0 never gets here:
+    # the store refuses such a manifest, tests/test_store.py).
+    np.testing.assert_array_equal(to_input(DIGITS[1:2], MEAN, STD)[0], out)
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "PNG_RGBA", "TIFF16"])
 def test_preprocess_is_decode_then_to_mnist_then_normalize(fmt):
     data = images.encode_bytes(DIGITS[3], fmt)
-    expected = normalize(mnist(data), MEAN, STD)
+    expected = normalize(mnist(data)[None], NORM)
     np.testing.assert_allclose(
         preprocess(data, mean=MEAN, std=STD, max_pixels=MAX_PIXELS), expected, atol=1e-6
     )

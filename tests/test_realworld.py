@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service import preprocessing
+from service import handler
+from service.config import Config
 from store import loading
 from training.data import to_input
 
@@ -38,13 +39,6 @@ def test_real_world_uploads_score_like_mnist(shipped, sample_test, render, count
     digits, labels = sample_test.images[:count], sample_test.labels[:count]
     mnist = (model.predict(to_input(digits, norm["mean"], norm["std"])).argmax(1) == labels).mean()
     rng = np.random.default_rng(0)
-    batch = np.stack(
-        [
-            preprocessing.preprocess(
-                render(d, rng), mean=norm["mean"], std=norm["std"], max_pixels=40_000_000
-            )
-            for d in digits
-        ]
-    )
+    batch = np.stack([handler.preprocess([render(d, rng)], norm, Config())[0] for d in digits])
     accuracy = (model.predict(batch).argmax(1) == labels).mean()
     assert accuracy >= mnist - allowed_drop, (accuracy, mnist)

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from store.manifest import normalize
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENV_VAR = "MNIST_DIR"
 SHARED_DIR = REPO_ROOT.parent / "shared" / "data" / "mnist"
@@ -227,8 +229,7 @@ def pixel_stats(images: np.ndarray) -> tuple[float, float]:
 
 def to_input(images: np.ndarray, mean: float, std: float) -> np.ndarray:
     """uint8 (N, 28, 28) -> float32 (N, 1, 28, 28), normalized as in the manifest."""
-    x = images.astype(np.float32)[:, None] / 255.0
-    return (x - np.float32(mean)) / np.float32(std)
+    return normalize(images.astype(np.float32)[:, None] / 255.0, {"mean": mean, "std": std})
 
 
 def random_shift(images: np.ndarray, rng: np.random.Generator, max_shift: int) -> np.ndarray:

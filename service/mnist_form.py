@@ -1,51 +1,28 @@
-"""Image decoding and MNIST-style normalisation: the one place uploaded bytes become model input.
+"""MNIST's own normalisation of a digit image (LeCun's MNIST page), for what users upload.
 
-Used by the service, the tests and the benchmarks, so training-time and serving-time inputs
-share exactly one definition of "an MNIST digit":
+``to_mnist`` turns a decoded image of one digit into light ink on a dark background,
+scaled to fit a 20x20 box keeping its aspect ratio (anti-aliased) and placed in a 28x28
+field with its centre of mass at the centre. Before that it copes with 16-bit and float
+images, palettes, transparency (canvas exports), CMYK, dark ink on paper, uneven lighting
+and gray paper. A 28x28 image already in MNIST form passes through *unchanged* (no
+resampling): the MNIST test set posted over HTTP scores as it does offline. An image
+without ink (blank paper, a fully transparent canvas) becomes an all-zero digit.
 
-* ``decode_image`` turns client bytes into a Pillow image or raises an ``ApiError`` subclass
-  (never a Pillow/numpy exception): 400 for empty/undecodable/truncated bytes, 413 for images
-  over the pixel budget (checked from the header, before any pixel is decoded), 415 for
-  recognisable but refused formats (PDF, HEIC, ICO, EPS, ...).
-* ``to_mnist`` reproduces MNIST's own normalisation (LeCun's MNIST page): light ink on a
-  dark background, the digit scaled to fit a 20x20 box keeping its aspect ratio
-  (anti-aliased), placed in a 28x28 field so that its centre of mass is at the centre.
-  Before that it copes with what users upload: 16-bit and float images, palettes,
-  transparency (canvas exports), CMYK, dark ink on paper, uneven lighting, gray paper.
-  A 28x28 image that already is in MNIST form passes through *unchanged* (no resampling):
-  the MNIST test set posted over HTTP scores like it does offline.
-* ``normalize`` applies the model's (x - mean) / std and adds the channel axis.
-
-An image without any ink (blank paper, fully transparent canvas) becomes an all-zero digit in
-``to_mnist``; ``preprocess`` refuses it (400 ``blank_image``): the model would otherwise answer
-a confident digit for nothing.
+The module is long (about 400 lines) because it is one pipeline whose steps share
+thresholds; each step is a small function with a test of its own.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-from service.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
+from service.errors import UnsupportedMediaType
 
 MNIST_SIZE = 28
 DIGIT_BOX = 20
-# MPO: the multi-picture JPEGs many phone cameras write.
-ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF", "MPO"})
-
-# No photo or drawing of a digit is longer than this on a side. Decoders pay per row, so
-# a 1 x 39,000,000 strip within the pixel limit took 2.6 s against 0.15 s for 6000 x 6000.
-MAX_SIDE = 30_000
-# A progressive JPEG decodes scan after scan, each costing a pass over the whole image:
-# encoders write about 10, a crafted 1.4 MB file with 20,000 took 72 s of a core. Scan
-# markers cannot occur in entropy-coded data (0xFF is stuffed there), so counting them
-# in the bytes is exact but for EXIF thumbnails and MPO frames, which add a few.
-MAX_JPEG_SCANS = 100
-_JPEG_SOS = b"\xff\xda"
 # Pixel processing happens on at most WORK_SIZE x WORK_SIZE pixels: 10x the output resolution
 # keeps strokes well resolved while a 12-megapixel photo costs the same as a thumbnail.
 WORK_SIZE = 10 * MNIST_SIZE
@@ -68,8 +45,7 @@ _FAINT = 0.1
 # its 5th percentile 1.2. Shrunk strokes thinner than _THIN are dilated to about _STROKE.
 _THIN = 0.8
 _STROKE = 1.8
-# Ink spanning fewer pixels than this (at the working resolution) is a speck, not a digit:
-# blown up into the 20x20 box, one dark pixel on white paper was a confident '0'.
+# Ink spanning fewer pixels than this (at the working resolution) is a speck, not a digit.
 _MIN_DIGIT_SIDE = 3
 # Images at least this large get a spatially varying background (lighting gradients);
 # smaller ones are drawings or already-processed digits: a single level is enough.
@@ -79,120 +55,8 @@ _GRID = 8  # background blocks per side
 # from the rest by more than a small gap, is a speck (dust, noise), not part of the digit.
 _SPECK_MASS = 0.05
 
-# Image.open(formats=...) takes plugin ids; MPO files are opened by the JPEG plugin.
-_OPEN_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")
-# Well-known non-image or not-supported types, named in the 415 message.
-_MAGIC = (
-    (b"%PDF-", "PDF"),
-    (b"%!PS", "PostScript"),
-    (b"<svg", "SVG"),
-    (b"<?xml", "SVG/XML"),
-)
-_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis"}
-
 _HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
-
-
-# --------------------------------------------------------------------------------------------
-# Decoding
-
-
-def decode_image(data: bytes, *, max_pixels: int, min_size: int | None = None) -> Image.Image:
-    """Decode client bytes into a loaded, upright Pillow image (first frame if animated).
-
-    ``max_pixels`` is enforced from the header, before any pixel data is decompressed.
-    ``min_size``: JPEGs may be decoded by libjpeg at 1/2, 1/4 or 1/8 scale as long as both
-    sides stay >= min_size -- several times faster for phone photos (``preprocess`` passes
-    WORK_SIZE, the resolution it works at anyway).
-    """
-    return load_image(open_image(data, max_pixels=max_pixels), min_size=min_size)
-
-
-def open_image(data: bytes, *, max_pixels: int) -> Image.Image:
-    """Read only the header: format and size checked, no pixel data decompressed yet
-    (cheap, so a request's images can all be checked before any is decoded)."""
-    if not data:
-        raise InvalidImage("empty image")
-    try:
-        image = Image.open(io.BytesIO(data), formats=_OPEN_FORMATS)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        # Pillow's own guard (its warning is only an exception under a strict warnings filter;
-        # otherwise our max_pixels check below catches the same image).
-        raise PayloadTooLarge(f"image too large: {exc}") from exc
-    except UnidentifiedImageError:
-        raise _unidentified(data) from None
-    except Exception as exc:  # hostile headers raise anything from SyntaxError to struct.error
-        raise InvalidImage(f"cannot decode image: {_reason(exc)}") from exc
-
-    if image.format not in ALLOWED_FORMATS:  # defensive: _OPEN_FORMATS already restricts
-        raise UnsupportedMediaType(f"image format {image.format} is not supported")
-    width, height = image.size
-    if width <= 0 or height <= 0:
-        raise InvalidImage("image has no pixels")
-    if width * height > max_pixels:
-        raise PayloadTooLarge(
-            f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
-        )
-    if max(width, height) > MAX_SIDE:
-        raise PayloadTooLarge(f"image is {width}x{height}; no side may exceed {MAX_SIDE} pixels")
-    if image.format in ("JPEG", "MPO") and (scans := data.count(_JPEG_SOS)) > MAX_JPEG_SCANS:
-        raise PayloadTooLarge(
-            f"the JPEG has {scans} scans; at most {MAX_JPEG_SCANS} are decoded (encoders "
-            "write about 10)"
-        )
-    return image
-
-
-def load_image(image: Image.Image, *, min_size: int | None = None) -> Image.Image:
-    """Decompress an ``open_image`` result: loaded, upright, first frame."""
-    try:
-        if min_size and image.format in ("JPEG", "MPO"):
-            # Grayscale straight out of libjpeg when the file is YCbCr: luma is all we use.
-            image.draft("L" if image.mode in ("RGB", "L") else None, (min_size, min_size))
-        image.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise PayloadTooLarge(f"image too large: {exc}") from exc
-    except Exception as exc:  # truncated data, corrupt chunks, decoder errors, ...
-        raise InvalidImage(f"cannot decode image: {_reason(exc)}") from exc
-
-    # Phone cameras store pixels sideways and say how to turn them in EXIF. In place: keeps
-    # image.format, and skips a copy when there is nothing to turn. Corrupt EXIF: the pixels
-    # themselves are fine, keep them as stored.
-    with contextlib.suppress(Exception):
-        ImageOps.exif_transpose(image, in_place=True)
-    return image
-
-
-def _unidentified(data: bytes) -> InvalidImage | UnsupportedMediaType:
-    """Tell "a format we refuse" (415) from "not an image at all" (400)."""
-    head = data[:64].lstrip()
-    for magic, name in _MAGIC:
-        if head.startswith(magic):
-            return UnsupportedMediaType(f"{name} is not a supported image format")
-    if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
-        return UnsupportedMediaType(
-            "HEIC/HEIF/AVIF images are not supported: upload PNG or JPEG (most phones can "
-            "export JPEG)"
-        )
-    try:
-        # Header-only identification with every Pillow plugin, to name the format.
-        fmt = Image.open(io.BytesIO(data)).format
-    except Exception:
-        fmt = None
-    if fmt:
-        return UnsupportedMediaType(
-            f"image format {fmt} is not supported; use one of {', '.join(sorted(ALLOWED_FORMATS))}"
-        )
-    return InvalidImage("cannot decode image: unknown or corrupt image format")
-
-
-def _reason(exc: BaseException) -> str:
-    return str(exc).strip() or type(exc).__name__
-
-
-# --------------------------------------------------------------------------------------------
-# MNIST normalisation
 
 
 def to_mnist(image: Image.Image) -> np.ndarray:
@@ -207,29 +71,6 @@ def to_mnist(image: Image.Image) -> np.ndarray:
     if ink is None:
         return np.zeros((MNIST_SIZE, MNIST_SIZE), np.float32)
     return _frame(ink)
-
-
-def normalize(digit: np.ndarray, mean: float, std: float) -> np.ndarray:
-    """(digit - mean) / std as the model's float32 (1, 28, 28) input."""
-    if digit.shape != (MNIST_SIZE, MNIST_SIZE):
-        raise ValueError(f"expected a {MNIST_SIZE}x{MNIST_SIZE} digit, got shape {digit.shape}")
-    if not std > 0:
-        raise ValueError(f"std must be positive, got {std}")
-    out = (np.asarray(digit, np.float32) - np.float32(mean)) / np.float32(std)
-    return out[np.newaxis].astype(np.float32, copy=False)
-
-
-def preprocess(data: bytes, *, mean: float, std: float, max_pixels: int) -> np.ndarray:
-    """Uploaded bytes -> the model's float32 (1, 28, 28) input; raises ApiError subclasses."""
-    return preprocess_opened(open_image(data, max_pixels=max_pixels), mean=mean, std=std)
-
-
-def preprocess_opened(image: Image.Image, *, mean: float, std: float) -> np.ndarray:
-    """An ``open_image`` result -> the model's float32 (1, 28, 28) input."""
-    digit = to_mnist(load_image(image, min_size=WORK_SIZE))
-    if not digit.any():
-        raise InvalidImage("no digit found: the image is blank", code="blank_image")
-    return normalize(digit, mean, std)
 
 
 def _mnist_form(image: Image.Image) -> np.ndarray | None:
