@@ -8,6 +8,7 @@ and ``digit`` INT64 [N].
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -107,11 +108,13 @@ def _tensor(body: Any, max_images: int) -> tuple[np.ndarray, str | None]:
             f"{shape[0]} images; the limit is {max_images}", code="too_many_images"
         )
     try:
-        raw = np.asarray(spec.get("data"))
+        with warnings.catch_warnings():  # ragged lists: a warning in numpy 1.23, an error later
+            warnings.simplefilter("error", np.VisibleDeprecationWarning)
+            raw = np.asarray(spec.get("data"))
         if raw.dtype.kind not in "iuf":  # strings, booleans, nulls, ragged lists
             raise TypeError(f"data holds {raw.dtype.name} values")
         data = raw.astype(np.float32).reshape(shape)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, np.VisibleDeprecationWarning) as exc:
         raise errors.BadRequest(
             "input data does not match its shape or is not numeric", code="bad_tensor"
         ) from exc
