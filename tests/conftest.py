@@ -1,25 +1,24 @@
 """Shared fixtures: data (the committed sample, the full MNIST where found), the
-shipped model store, a small freshly trained model, and a real gunicorn."""
+shipped model store, a small freshly trained model, the app in-process (``app``,
+``client``) and a real gunicorn (``shipped_server``, ``start_server``)."""
 
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
-import requests
+from flask import Flask
 from hypothesis import settings
-from prometheus_client.parser import text_string_to_metric_families
 
-from store import ModelStore
-from training.data import SHARED_DIR, Split, load_split, read_md5sums
+from service.app import create_app
+from store import ModelStore, loading
+from training.data import SHARED_DIR, Split, load_split, read_md5sums, to_input
+
+from .support import ROOT, SHIPPED_STORE, InProcessClient, Server, copy_shipped_store
 
 # No per-example deadline: a loaded 2-core machine stalls now and then. In CI, fixed
 # examples (a run is repeatable); elsewhere new ones each run, to keep finding bugs.
@@ -27,9 +26,7 @@ settings.register_profile("local", deadline=None)
 settings.register_profile("ci", deadline=None, derandomize=True, database=None, print_blob=True)
 settings.load_profile("ci" if os.environ.get("CI") else "local")
 
-ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_DIR = ROOT / "tests" / "data" / "mnist-sample"
-SHIPPED_STORE = ROOT / "model_store"
 
 
 @pytest.fixture(scope="session")
@@ -62,6 +59,20 @@ def shipped_store() -> ModelStore:
 
 
 @pytest.fixture(scope="session")
+def digits(sample_test) -> list[tuple[np.ndarray, int]]:
+    """Ten sample digits, one per class, that the shipped model gets right offline."""
+    mv = ModelStore(SHIPPED_STORE).resolve("mnist")
+    norm = mv.manifest["normalization"]
+    probs = loading.load(mv).predict(to_input(sample_test.images, norm["mean"], norm["std"]))
+    chosen = {}
+    for i, (p, label) in enumerate(zip(probs, sample_test.labels, strict=True)):
+        if label not in chosen and p.argmax() == label and p.max() > 0.99:
+            chosen[int(label)] = sample_test.images[i]
+    assert len(chosen) == 10
+    return [(chosen[d], d) for d in range(10)]
+
+
+@pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory, sample_train, sample_test) -> ModelStore:
     """A store holding a small CNN trained for a few seconds on the sample."""
     from training.train import TrainConfig, publish, train
@@ -71,120 +82,6 @@ def tiny_store(tmp_path_factory, sample_train, sample_test) -> ModelStore:
     result = train(cfg, sample_train, sample_test, progress=False)
     publish(store, "mnist", cfg, result, sample_train, sample_test, "tests")
     return store
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A real gunicorn serving the app on 127.0.0.1, stopped by the fixture."""
-
-    def __init__(self, env: dict[str, str], workers: int = 2):
-        self.env, self.workers, self.relaunches = env, workers, 0
-        self._launch()
-
-    def _launch(self) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        full_env = {
-            **os.environ,
-            **self.env,
-            "DIGITSERVE_BIND": f"127.0.0.1:{self.port}",
-            "DIGITSERVE_WORKERS": str(self.workers),
-            "DIGITSERVE_ACCESS_LOG": "",
-            "DIGITSERVE_POLL_SECONDS": self.env.get("DIGITSERVE_POLL_SECONDS", "0.5"),
-        }
-        full_env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        self.log = open(  # noqa: SIM115  (closed in stop())
-            Path(self.env.get("LOG_DIR", "/tmp")) / f"gunicorn-{self.port}.log", "w+b"
-        )
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gunicorn",
-                "-c",
-                "service/gunicorn.conf.py",
-                "service.app:create_app()",
-            ],
-            cwd=ROOT,
-            env=full_env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        """Until /ready answers 200 and every worker serves a model: requests land on
-        any worker, so a test must not start while one of them is still loading."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                # free_port() let go of its port before gunicorn bound it: rarely, another
-                # process took it meanwhile. Start again on a new one.
-                if "Connection in use" in self.output() and self.relaunches < 2:
-                    self.relaunches += 1
-                    self.log.close()
-                    self._launch()
-                    continue
-                raise RuntimeError(f"gunicorn exited {self.proc.returncode}:\n{self.output()}")
-            try:
-                # The socket accepts before a worker does: the read may wait for a load.
-                if requests.get(f"{self.url}/ready", timeout=(2, 30)).status_code == 200:
-                    self.wait_workers(timeout=deadline - time.monotonic())
-                    return
-            except (requests.ConnectionError, requests.Timeout):
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"gunicorn not ready after {timeout}s:\n{self.output()}")
-
-    def served_versions(self) -> dict[str, int]:
-        """pid -> the version each live worker serves (reported once it has loaded one)."""
-        text = requests.get(f"{self.url}/metrics", timeout=(2, 30)).text
-        return {
-            sample.labels["pid"]: int(sample.value)
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-            if sample.name == "digitserve_model_version"
-        }
-
-    def wait_workers(self, version: int | None = None, timeout: float = 30.0) -> None:
-        """Until all the workers serve a model (``version``, if given)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            served = self.served_versions()
-            if len(served) == self.workers and (
-                version is None or set(served.values()) == {version}
-            ):
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"workers serve {served}, expected {self.workers} on "
-                    f"{version or 'any version'}:\n{self.output()}"
-                )
-            time.sleep(0.2)
-
-    def worker_pids(self) -> set[int]:
-        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True)
-        return {int(p) for p in out.stdout.split()}
-
-    def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read().decode(errors="replace")[-8000:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self.log.close()
 
 
 @pytest.fixture
@@ -201,12 +98,6 @@ def start_server(tmp_path) -> Iterator:
     yield start
     for server in servers:
         server.stop()
-
-
-def copy_shipped_store(store_dir: Path) -> Path:
-    """A copy of the shipped model store (without its lock and temp files) to publish into."""
-    shutil.copytree(SHIPPED_STORE, store_dir, ignore=shutil.ignore_patterns(".*"))
-    return store_dir
 
 
 @pytest.fixture(scope="module")
@@ -226,3 +117,22 @@ def shipped_server(tmp_path_factory) -> Iterator[Server]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def app(tmp_path_factory) -> Iterator[Flask]:
+    """The app in-process on a copy of the shipped store, its model loaded."""
+    store_dir = copy_shipped_store(tmp_path_factory.mktemp("app") / "model_store")
+    app = create_app({"STORE": str(store_dir), "ADMIN_TOKEN": "s3cret", "POLL_SECONDS": 0})
+    engine = app.extensions["digitserve.engine"]
+    deadline = time.monotonic() + 60
+    while engine.current is None and engine.load_error is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.current is not None, engine.load_error
+    yield app
+    engine.stop()
+
+
+@pytest.fixture
+def client(app) -> InProcessClient:
+    return InProcessClient(app)

@@ -81,6 +81,11 @@ def encode(digit: np.ndarray, fmt: str, *, paper: bool = False) -> tuple[bytes, 
     return encode_bytes(digit, fmt, paper=paper), mimetype(fmt)
 
 
+def png(digit: np.ndarray) -> bytes:
+    """A 28x28 uint8 digit as the PNG file a client posts."""
+    return encode_bytes(digit, "PNG")
+
+
 def encode_bytes(digit: np.ndarray, fmt: str, *, paper: bool = False) -> bytes:
     """Like ``encode``, only the bytes."""
     digit = np.asarray(digit, np.uint8)

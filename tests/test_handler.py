@@ -16,7 +16,7 @@ from service import decoding, errors, handler
 from service.config import Config
 
 
-def png(size: tuple[int, int], stroke: bool = True) -> bytes:
+def drawn_png(size: tuple[int, int], stroke: bool = True) -> bytes:
     """White paper, with a dark vertical stroke (a "1") unless ``stroke`` is False."""
     image = Image.new("L", size, 255)
     if stroke:
@@ -46,7 +46,7 @@ def decoded(monkeypatch) -> list[tuple[int, int]]:
 
 def test_a_bomb_anywhere_in_the_request_stops_it_before_any_decoding(decoded):
     config = Config(MAX_IMAGE_PIXELS=1_000_000)
-    images = [png((28, 28))] * 3 + [png((2000, 2000))]
+    images = [drawn_png((28, 28))] * 3 + [drawn_png((2000, 2000))]
     with pytest.raises(errors.PayloadTooLarge) as info:
         handler.preprocess(images, NORMALIZATION, config)
     assert info.value.message.startswith("image 3: image is 2000x2000")
@@ -55,21 +55,25 @@ def test_a_bomb_anywhere_in_the_request_stops_it_before_any_decoding(decoded):
 
 def test_the_request_total_is_limited_too(decoded):
     config = Config(MAX_IMAGE_PIXELS=1_000_000, MAX_REQUEST_PIXELS=1_500_000)
-    images = [png((1000, 900)), png((1000, 900))]  # each under the image limit
+    images = [drawn_png((1000, 900)), drawn_png((1000, 900))]  # each under the image limit
     with pytest.raises(errors.PayloadTooLarge, match="1800000 pixels; the limit is 1500000"):
         handler.preprocess(images, NORMALIZATION, config)
     assert decoded == []
 
 
 def test_images_within_the_limits_are_all_decoded(decoded):
-    batch = handler.preprocess([png((28, 28)), png((300, 200))], NORMALIZATION, Config())
+    batch = handler.preprocess(
+        [drawn_png((28, 28)), drawn_png((300, 200))], NORMALIZATION, Config()
+    )
     assert batch.shape == (2, 1, 28, 28) and batch.dtype == np.float32
     assert decoded == [(28, 28), (300, 200)]
 
 
 def test_a_blank_image_is_refused_not_answered(decoded):
     with pytest.raises(errors.InvalidImage) as info:
-        handler.preprocess([png((28, 28)), png((280, 280), stroke=False)], NORMALIZATION, Config())
+        handler.preprocess(
+            [drawn_png((28, 28)), drawn_png((280, 280), stroke=False)], NORMALIZATION, Config()
+        )
     assert info.value.code == "blank_image" and info.value.status == 400
     assert info.value.message == "image 1: no digit found: the image is blank"
 

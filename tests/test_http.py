@@ -1,10 +1,12 @@
-"""The service through a real gunicorn (2 workers) on 127.0.0.1 with the shipped model."""
+"""What only a real gunicorn (2 workers, 127.0.0.1, the shipped model) can show: bodies
+chunked or cut short, gunicorn's own refusals, Connection: close, metrics summed across
+workers, every MNIST test digit over HTTP, and versions swapped across workers. The
+routes and answers themselves are tested in-process (tests/test_api.py)."""
 
 from __future__ import annotations
 
 import base64
 import http.client
-import io
 import json
 import socket
 import threading
@@ -13,127 +15,22 @@ import time
 import numpy as np
 import pytest
 import requests
-from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from store import ModelStore, loading
 from store.publishing import publish
 from training.data import to_input
 
-from . import images
-from .conftest import SHIPPED_STORE, copy_shipped_store
+from .images import png
+from .support import (
+    SHIPPED_STORE,
+    assert_error,
+    clone_version,
+    copy_shipped_store,
+    manifest_fields,
+)
+from .test_api import BAD_INPUTS
 
-
-def png(digit: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(digit).save(buf, "PNG")
-    return buf.getvalue()
-
-
-@pytest.fixture(scope="module")
-def digits(sample_test) -> list[tuple[np.ndarray, int]]:
-    """Ten sample digits, one per class, that the shipped model gets right offline."""
-    mv = ModelStore(SHIPPED_STORE).resolve("mnist")
-    loaded = loading.load(mv)
-    norm = mv.manifest["normalization"]
-    probs = loaded.predict(to_input(sample_test.images, norm["mean"], norm["std"]))
-    chosen = {}
-    for i, (p, label) in enumerate(zip(probs, sample_test.labels, strict=True)):
-        if label not in chosen and p.argmax() == label and p.max() > 0.99:
-            chosen[int(label)] = sample_test.images[i]
-    assert len(chosen) == 10
-    return [(chosen[d], d) for d in range(10)]
-
-
-def assert_error(response: requests.Response, status: int, code: str | None = None) -> None:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}
-    if code:
-        assert body["error"]["code"] == code, body
-
-
-def test_health_ready_and_model_info(shipped_server):
-    url = shipped_server.url
-    assert requests.get(f"{url}/health").json() == {"status": "ok"}
-    ready = requests.get(f"{url}/ready").json()
-    assert ready["ready"] is True and ready["model"] == "mnist"
-    meta = requests.get(f"{url}/metadata").json()
-    assert meta["name"] == "mnist" and meta["version"] == ready["version"]
-    assert meta["manifest"]["metrics"]["test_accuracy"] >= 0.995
-    models = requests.get(f"{url}/models").json()["models"]
-    assert models[0]["serving_version"] == meta["version"]
-    assert requests.get(f"{url}/models/mnist").json()["version"] == meta["version"]
-    assert_error(requests.get(f"{url}/models/other"), 404, "model_not_found")
-
-
-@pytest.mark.parametrize("fmt", images.FORMATS)
-def test_every_upload_format(shipped_server, digits, fmt):
-    for digit, label in digits[::3]:
-        data, mimetype = images.encode(digit, fmt)
-        r = requests.post(
-            f"{shipped_server.url}/predict",
-            files={"image": (f"digit.{fmt.lower()}", data, mimetype)},
-        )
-        assert r.status_code == 200, r.text
-        body = r.json()
-        assert body["digit"] == label, (fmt, label, body)
-        assert body["model"]["name"] == "mnist"
-        assert len(body["predictions"][0]["probabilities"]) == 10
-
-
-def test_raw_body_and_json_bodies(shipped_server, digits):
-    url = f"{shipped_server.url}/predict"
-    digit, label = digits[7]
-    data = png(digit)
-    assert (
-        requests.post(url, data=data, headers={"Content-Type": "image/png"}).json()["digit"]
-        == label
-    )
-    assert (
-        requests.post(url, data=data, headers={"Content-Type": "application/octet-stream"}).json()[
-            "digit"
-        ]
-        == label
-    )
-    b64 = base64.b64encode(data).decode()
-    assert requests.post(url, json={"image": b64}).json()["digit"] == label
-    for prefix in ("data:image/png;base64,", "data:;base64,", "data:image/png;name=a.png;base64,"):
-        assert requests.post(url, json={"image": prefix + b64}).json()["digit"] == label
-    many = requests.post(
-        url, json={"images": [base64.b64encode(png(d)).decode() for d, _ in digits]}
-    ).json()
-    assert [p["digit"] for p in many["predictions"]] == list(range(10))
-    assert "digit" not in many  # only one-image requests get a top-level digit
-
-
-def test_several_files_in_one_request_keep_their_order(shipped_server, digits):
-    files = [("image", (f"{d}.png", png(img), "image/png")) for img, d in reversed(digits)]
-    body = requests.post(f"{shipped_server.url}/predict", files=files).json()
-    assert [p["digit"] for p in body["predictions"]] == list(range(9, -1, -1))
-
-
-def test_batch_independence_over_http(shipped_server, digits, sample_test):
-    url = f"{shipped_server.url}/predict"
-    digit, _ = digits[3]
-    alone = requests.post(url, files={"image": ("d.png", png(digit), "image/png")}).json()
-    rng = np.random.default_rng(0)
-    others = [
-        ("image", (f"{i}.png", png(sample_test.images[i]), "image/png"))
-        for i in rng.choice(len(sample_test), 20, replace=False)
-    ]
-    noisy = np.clip(sample_test.images[0] + rng.integers(0, 90, (28, 28)), 0, 255).astype(np.uint8)
-    noise = [("image", ("n.png", png(noisy), "image/png"))]  # (pure noise is refused as blank)
-    files = [*others[:10], ("image", ("d.png", png(digit), "image/png")), *noise, *others[10:]]
-    batch = requests.post(url, files=files).json()
-    np.testing.assert_allclose(
-        batch["predictions"][10]["probabilities"],
-        alone["predictions"][0]["probabilities"],
-        atol=2e-6,
-    )
-
-
-BOMB = images.decompression_bomb()
 FORM_WITH_BIG_FIELD = (
     b'--b\r\nContent-Disposition: form-data; name="note"\r\n\r\n'
     + b"x" * 600_000
@@ -141,73 +38,13 @@ FORM_WITH_BIG_FIELD = (
 )
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "status", "code"),
-    [
-        ({}, 400, "no_image"),
-        ({"data": b"", "headers": {"Content-Type": "image/png"}}, 400, "no_image"),
-        ({"files": {"image": ("e.png", b"", "image/png")}}, 400, "no_image"),
-        ({"files": {"other": (None, "text field")}}, 400, "no_image"),
-        (
-            {"data": images.jpeg_with_scans(5000), "headers": {"Content-Type": "image/jpeg"}},
-            413,
-            "payload_too_large",
-        ),
-        (
-            {"data": b"\x89PNG\r\n\x1a\n garbage", "headers": {"Content-Type": "image/png"}},
-            400,
-            "invalid_image",
-        ),
-        (
-            {
-                "data": images.truncated(
-                    images.encode_bytes(np.full((28, 28), 200, np.uint8), "PNG")
-                ),
-                "headers": {"Content-Type": "image/png"},
-            },
-            400,
-            "invalid_image",
-        ),
-        ({"data": b"{not json", "headers": {"Content-Type": "application/json"}}, 400, "bad_json"),
-        (
-            {
-                "data": images.encode_bytes(np.full((280, 280), 255, np.uint8), "PNG"),
-                "headers": {"Content-Type": "image/png"},
-            },
-            400,
-            "blank_image",
-        ),
-        ({"json": {"picture": "x"}}, 400, "bad_json"),
-        ({"json": ["x"]}, 400, "bad_json"),
-        ({"json": {"image": "!!!not base64!!!"}}, 400, "bad_base64"),
-        ({"json": {"image": 42}}, 400, "bad_base64"),
-        ({"json": {"images": "abc"}}, 400, "bad_json"),
-        ({"json": {"images": []}}, 400, "no_image"),
-        ({"data": iter([b"abc"])}, 415, "unsupported_media_type"),  # chunked, no Content-Type
-        (
-            {"data": b"hello", "headers": {"Content-Type": "text/plain"}},
-            415,
-            "unsupported_media_type",
-        ),
-        ({"data": BOMB, "headers": {"Content-Type": "image/png"}}, 413, "payload_too_large"),
-        ({"data": b"\0" * (11 * 1024 * 1024), "headers": {"Content-Type": "image/png"}}, 413, None),
-        ({"json": {"images": ["AAAA"] * 65}}, 413, "too_many_images"),
-        ({"files": [("image", ("x.png", b"x", "image/png"))] * 65}, 413, None),
-        ({"files": [("image", ("x.png", b"x", "image/png"))] * 81}, 413, "form_too_large"),
-        (
-            {"files": [("image", ("x.png", b"x", "image/png")), ("note", (None, "x" * 600_000))]},
-            413,
-            "form_too_large",
-        ),
-    ],
-    ids=lambda v: str(v)[:40] if not isinstance(v, dict) else None,
-)
-def test_bad_input_gets_a_clear_error_and_the_worker_survives(
-    shipped_server, digits, kwargs, status, code
-):
+def test_hostile_requests_leave_every_worker_alive(shipped_server, digits):
+    """Every bad input of test_api.py, chunked ones included, through gunicorn: each is
+    answered in the error shape and no worker dies or restarts."""
     url = shipped_server.url
     pids = shipped_server.worker_pids()
-    assert_error(requests.post(f"{url}/predict", timeout=30, **kwargs), status, code)
+    for kwargs, status, code in BAD_INPUTS:
+        assert_error(requests.post(f"{url}/predict", timeout=30, **kwargs), status, code)
     ok = requests.post(
         f"{url}/predict", data=png(digits[1][0]), headers={"Content-Type": "image/png"}, timeout=30
     )
@@ -241,12 +78,6 @@ def test_an_answer_before_the_body_is_read_says_connection_close(
         assert good.getheader("Connection") == "keep-alive"
     finally:
         conn.close()
-
-
-def test_an_image_sent_as_a_text_field_is_explained(shipped_server, digits):
-    r = requests.post(f"{shipped_server.url}/predict", files={"image": (None, "iVBORw0KGgo=")})
-    assert_error(r, 400, "no_image")
-    assert "fields ('image') hold text, not a file" in r.json()["error"]["message"]
 
 
 def chunked(data: bytes, size: int = 1 << 20):
@@ -368,201 +199,84 @@ def test_requests_gunicorn_refuses_get_the_json_error_shape(
     assert requests.get(f"{shipped_server.url}/health").ok  # and the worker is fine
 
 
-def test_routing_errors_share_the_shape(shipped_server):
-    url = shipped_server.url
-    assert_error(requests.get(f"{url}/nowhere"), 404, "not_found")
-    r = requests.get(f"{url}/predict")
-    assert_error(r, 405, "method_not_allowed")
-    assert "POST" in r.headers["Allow"]
-    assert_error(
-        requests.post(
-            f"{url}/predict?version=abc", data=b"x", headers={"Content-Type": "image/png"}
-        ),
-        400,
-        "bad_version",
-    )
-    assert_error(
-        requests.post(
-            f"{url}/predict?version=999",
-            data=png(np.zeros((28, 28), np.uint8)),
-            headers={"Content-Type": "image/png"},
-        ),
-        404,
-        "version_not_found",
-    )
-    assert_error(requests.get(f"{url}/models/mnist/versions/999"), 404, "version_not_found")
-    # Unicode digits, numbers too long for a file name or for int(): 400, never a 500.
-    for bad in ("\u00b2", "\u0661", "0", "-1", "1" * 10, "1" * 300, "9" * 5000):
-        assert_error(requests.get(f"{url}/models/mnist/versions/{bad}"), 400, "bad_version")
-        assert_error(requests.get(f"{url}/v2/models/mnist/versions/{bad}/ready"), 400)
-        assert_error(
-            requests.post(
-                f"{url}/predict",
-                params={"version": bad},
-                data=b"x",
-                headers={"Content-Type": "image/png"},
-            ),
-            400,
-            "bad_version",
+def scrape(url: str) -> dict:
+    """/metrics as {metric family: {(sample name, sorted labels without pid): value}},
+    summed across workers."""
+    families: dict = {}
+    for family in text_string_to_metric_families(requests.get(f"{url}/metrics").text):
+        samples = families.setdefault(family.name, {})
+        for s in family.samples:
+            key = (s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k != "pid")))
+            samples[key] = samples.get(key, 0.0) + s.value
+    return families
+
+
+def delta(before: dict, after: dict, family: str, name: str, **labels: str) -> float:
+    """How much the samples of ``family`` matching ``labels`` grew between two scrapes."""
+
+    def total(scraped: dict) -> float:
+        return sum(
+            value
+            for (sample, sample_labels), value in scraped.get(family, {}).items()
+            if sample == name and labels.items() <= dict(sample_labels).items()
         )
-    assert_error(requests.post(f"{url}/admin/reload"), 401, "unauthorized")
-    for auth in ("Bearer wrong", "s3cret", "Basic s3cret"):  # the token needs its scheme
-        r = requests.post(f"{url}/admin/reload", headers={"Authorization": auth})
-        assert_error(r, 401, "unauthorized")
-        assert r.headers["WWW-Authenticate"].startswith("Bearer")
-    for auth in ("Bearer s3cret", "bearer s3cret"):  # the scheme is case-insensitive
-        assert requests.post(f"{url}/admin/reload", headers={"Authorization": auth}).ok
-    # Doubled slashes: a 404 in the error shape, not an HTML redirect.
-    assert_error(requests.get(f"{url}/models//mnist", allow_redirects=False), 404, "not_found")
 
-
-def test_pinned_version_routes(shipped_server, digits):
-    url = shipped_server.url
-    version = requests.get(f"{url}/metadata").json()["version"]
-    digit, label = digits[5]
-    r = requests.post(
-        f"{url}/models/mnist/versions/{version}/predict",
-        data=png(digit),
-        headers={"Content-Type": "image/png"},
-    )
-    assert r.json()["digit"] == label and r.json()["model"]["version"] == version
-    r = requests.post(
-        f"{url}/predict?version={version}", data=png(digit), headers={"Content-Type": "image/png"}
-    )
-    assert r.json()["model"]["version"] == version
-
-
-def test_kserve_v2_protocol(shipped_server, digits):
-    url = shipped_server.url
-    assert requests.get(f"{url}/v2/health/live").json() == {"live": True}
-    assert requests.get(f"{url}/v2/health/ready").json() == {"ready": True}
-    meta = requests.get(f"{url}/v2/models/mnist").json()
-    assert meta["inputs"][0]["shape"] == [-1, 1, 28, 28]
-    assert requests.get(f"{url}/v2/models/mnist/ready").status_code == 200
-    pixels = np.stack([d for d, _ in digits]).astype(np.float32)[:, None] / 255
-    body = {
-        "id": "req-1",
-        "inputs": [
-            {
-                "name": "data",
-                "shape": list(pixels.shape),
-                "datatype": "FP32",
-                "data": pixels.ravel().tolist(),
-            }
-        ],
-    }
-    out = requests.post(f"{url}/v2/models/mnist/infer", json=body).json()
-    assert out["id"] == "req-1" and out["model_name"] == "mnist"
-    outputs = {o["name"]: o for o in out["outputs"]}
-    assert outputs["digit"]["data"] == list(range(10))
-    assert outputs["probabilities"]["shape"] == [10, 10]
-    bad = dict(body, inputs=[dict(body["inputs"][0], shape=[10, 28, 28])])
-    assert_error(requests.post(f"{url}/v2/models/mnist/infer", json=bad), 400, "bad_tensor")
-    bad = dict(body, inputs=[dict(body["inputs"][0], datatype="INT8")])
-    assert_error(requests.post(f"{url}/v2/models/mnist/infer", json=bad), 400, "bad_tensor")
-    bad = dict(body, inputs=[dict(body["inputs"][0], data=[1.0, 2.0])])
-    assert_error(requests.post(f"{url}/v2/models/mnist/infer", json=bad), 400, "bad_tensor")
-    one = dict(body["inputs"][0], shape=[1, 1, 28, 28])
-    for data in (["0.5"] * 784, [True] * 784, [None] * 784, [[0.5] * 28] * 27 + [[0.5]]):
-        bad = dict(body, inputs=[dict(one, data=data)])
-        assert_error(requests.post(f"{url}/v2/models/mnist/infer", json=bad), 400, "bad_tensor")
-    bad = dict(body, inputs=[dict(body["inputs"][0], name="pixels")])
-    assert_error(requests.post(f"{url}/v2/models/mnist/infer", json=bad), 400, "bad_tensor")
-    nested = dict(body, id=7, inputs=[dict(one, data=pixels[0].tolist())])  # [1][28][28] lists
-    out = requests.post(f"{url}/v2/models/mnist/infer", json=nested).json()
-    assert out["id"] == "7" and out["outputs"][1]["data"] == [0]
-    for bad_id in ({"a": [1]}, [1], True, 1.5):
-        bad = dict(body, id=bad_id)
-        assert_error(requests.post(f"{url}/v2/models/mnist/infer", json=bad), 400, "bad_tensor")
-    # Pixels are [0, 1]: 0-255 values, or normalized ones, would give confident nonsense.
-    for data in (pixels[0] * 255, pixels[0] - 0.5, np.full_like(pixels[0], -1e30)):
-        bad = dict(body, inputs=[dict(one, data=data.ravel().tolist())])
-        r = requests.post(f"{url}/v2/models/mnist/infer", json=bad)
-        assert_error(r, 400, "bad_tensor")
-        assert "[0, 1]" in r.json()["error"]["message"]
-    assert_error(requests.post(f"{url}/v2/models/nope/infer", json=body), 404)
-
-
-def test_drawing_page_is_served(shipped_server):
-    page = requests.get(f"{shipped_server.url}/")
-    assert page.status_code == 200 and "text/html" in page.headers["Content-Type"]
-    assert 'id="pad"' in page.text and "/static/app.js" in page.text
-    assert "http://" not in page.text and "https://" not in page.text  # nothing from a CDN
-    assert requests.get(f"{shipped_server.url}/static/app.js").status_code == 200
+    return total(after) - total(before)
 
 
 def test_metrics_are_scraped_across_workers(shipped_server, digits):
     url = shipped_server.url
-    for _ in range(6):
+    before = scrape(url)
+    for _ in range(6):  # a new connection each: the kernel spreads them over both workers
         requests.post(
             f"{url}/predict", data=png(digits[2][0]), headers={"Content-Type": "image/png"}
         )
     requests.get(f"{url}/nowhere")
     for i in range(3):  # made-up methods share one label: no series per name a client sends
         requests.request(f"X{i}QWERTY", f"{url}/nowhere")
-    families = {
-        f.name: f for f in text_string_to_metric_families(requests.get(f"{url}/metrics").text)
-    }
-    predict_ok = sum(
-        s.value
-        for s in families["digitserve_requests"].samples
-        if s.labels.get("endpoint") == "/predict" and s.labels.get("status") == "200"
-    )
-    assert predict_ok >= 6
-    assert any(
-        s.labels.get("endpoint") == "<unmatched>" for s in families["digitserve_requests"].samples
-    )
-    methods = {s.labels["method"] for s in families["digitserve_requests"].samples}
+    after = scrape(url)
+    requests_total = ("digitserve_requests", "digitserve_requests_total")
+    ok = {"endpoint": "/predict", "status": "200"}
+    assert delta(before, after, *requests_total, **ok) == 6
+    assert delta(before, after, *requests_total, endpoint="<unmatched>") == 4
+    assert delta(before, after, *requests_total, endpoint="<unmatched>", method="other") == 3
+    methods = {dict(labels)["method"] for _, labels in after["digitserve_requests"]}
     assert "other" in methods and not any(m.startswith("X") for m in methods), methods
-    counts = [
+    duration = ("digitserve_request_duration_seconds", "digitserve_request_duration_seconds_count")
+    assert delta(before, after, *duration, **ok) == 6
+    batches = ("digitserve_batch_images", "digitserve_batch_images_count")
+    assert delta(before, after, *batches) == 6  # one forward each: nothing else was queued
+    assert delta(before, after, "digitserve_batch_images", "digitserve_batch_images_sum") == 6
+    assert delta(before, after, "digitserve_images", "digitserve_images_total") == 6
+    versions = [
         s
-        for s in families["digitserve_request_duration_seconds"].samples
-        if s.name.endswith("_count") and s.labels.get("endpoint") == "/predict"
+        for f in text_string_to_metric_families(requests.get(f"{url}/metrics").text)
+        for s in f.samples
+        if s.name == "digitserve_model_version"
     ]
-    assert counts and sum(s.value for s in counts) >= 6
-    batch = [s for s in families["digitserve_batch_images"].samples if s.name.endswith("_count")]
-    assert batch[0].value >= 6
-    versions = [s for s in families["digitserve_model_version"].samples]
     assert len({s.labels["pid"] for s in versions}) == 2  # one per worker
     assert all(s.value >= 1 for s in versions)
 
 
-def test_mnist_through_http_matches_offline_accuracy(shipped_server, full_test):
-    """The whole MNIST test set posted as PNG files scores as it does offline."""
+def test_every_mnist_test_digit_through_http_gets_its_offline_answer(shipped_server, full_test):
+    """All 10,000 test digits posted as PNG files, 64 a request: each answer is the one the
+    exported model gives offline for that image (same batches: same arithmetic)."""
     mv = ModelStore(SHIPPED_STORE).resolve("mnist")
-    offline = mv.manifest["metrics"]["test_accuracy"]
-    correct = 0
+    model = loading.load(mv)
+    norm = mv.manifest["normalization"]
     session = requests.Session()
+    mismatches, correct = [], 0
     for start in range(0, len(full_test), 64):
         chunk = full_test.images[start : start + 64]
+        offline = model.predict(to_input(chunk, norm["mean"], norm["std"])).argmax(1)
         files = [("image", (f"{i}.png", png(d), "image/png")) for i, d in enumerate(chunk)]
         body = session.post(f"{shipped_server.url}/predict", files=files, timeout=60).json()
-        predicted = np.array([p["digit"] for p in body["predictions"]])
-        correct += int((predicted == full_test.labels[start : start + 64]).sum())
-    accuracy = correct / len(full_test)
-    assert abs(accuracy - offline) <= 0.001, (accuracy, offline)
-
-
-def _clone_version(source: ModelStore, target: ModelStore, note: str, corrupt=None) -> int:
-    """Publish a copy of the shipped version into ``target`` (optionally corrupted after)."""
-    mv = source.resolve("mnist")
-
-    def write(folder):
-        for role in ("symbol", "params"):
-            (folder / mv.manifest["artifacts"][role]["file"]).write_bytes(
-                getattr(mv, f"{role}_file").read_bytes()
-            )
-        return {r: mv.manifest["artifacts"][r]["file"] for r in ("symbol", "params")}
-
-    manifest = {
-        k: v
-        for k, v in mv.manifest.items()
-        if k not in ("name", "version", "artifacts", "schema_version")
-    }
-    published = publish(target, "mnist", write, {**manifest, "note": note})
-    if corrupt:
-        corrupt(published)
-    return published.version
+        served = np.array([p["digit"] for p in body["predictions"]])
+        mismatches += [start + int(i) for i in np.flatnonzero(served != offline)]
+        correct += int((served == full_test.labels[start : start + 64]).sum())
+    assert mismatches == []
+    # ...and so the accuracy training recorded for this version, to the image.
+    assert correct == round(mv.manifest["metrics"]["test_accuracy"] * len(full_test))
 
 
 def test_hot_swap_under_load_and_refusal_of_bad_versions(start_server, tmp_path, digits):
@@ -594,7 +308,7 @@ def test_hot_swap_under_load_and_refusal_of_bad_versions(start_server, tmp_path,
         t.start()
     try:
         time.sleep(1.0)
-        second = _clone_version(store, store, "hot swap")
+        second = clone_version(store, store, "hot swap")
         server.wait_workers(version=second, timeout=20)  # every worker serves it
         time.sleep(1.0)
     finally:
@@ -611,7 +325,7 @@ def test_hot_swap_under_load_and_refusal_of_bad_versions(start_server, tmp_path,
         data[len(data) // 2] ^= 0xFF
         mv.params_file.write_bytes(bytes(data))
 
-    bad = _clone_version(store, ModelStore(tmp_path / "staging"), "corrupt", corrupt_params)
+    bad = clone_version(store, ModelStore(tmp_path / "staging"), "corrupt", corrupt_params)
     staged = tmp_path / "staging" / "mnist" / str(bad)
     manifest_file = staged / "manifest.json"
     manifest_file.write_text(manifest_file.read_text().replace(f'"version": {bad}', '"version": 3'))
@@ -651,12 +365,7 @@ def test_version_that_mxnet_cannot_load_is_refused(start_server, tmp_path, digit
         (folder / "mnist-0000.params").write_bytes(b"not an ndarray file")
         return {"symbol": "mnist-symbol.json", "params": "mnist-0000.params"}
 
-    manifest = {
-        k: v
-        for k, v in mv.manifest.items()
-        if k not in ("name", "version", "artifacts", "schema_version")
-    }
-    broken = publish(store, "mnist", write, manifest).version
+    broken = publish(store, "mnist", write, manifest_fields(mv.manifest)).version
     server = start_server({"DIGITSERVE_STORE": str(store_dir)})
     assert requests.get(f"{server.url}/metadata").json()["version"] == first
     refused = [
@@ -693,7 +402,7 @@ def test_admin_reload_swaps_every_worker(start_server, tmp_path):
         }
     )
     url = server.url
-    second = _clone_version(store, store, "reloaded")
+    second = clone_version(store, store, "reloaded")
     time.sleep(1.5)  # polling is off: nobody may notice by itself
     assert {requests.get(f"{url}/metadata").json()["version"] for _ in range(10)} == {first}
     r = requests.post(f"{url}/admin/reload", headers={"Authorization": "Bearer tok"})
