@@ -14,7 +14,7 @@ import time
 from store import ModelStore, loading
 from training.data import load_split
 from training.evaluate import evaluate, format_confusion, parse_ref
-from training.train import describe_timing
+from training.train_cli import describe_timing
 
 
 def main() -> None:

@@ -86,7 +86,7 @@ def test_training_cli_without_data_exits_2_without_traceback(tmp_path):
             sys.executable,
             "-c",
             "import training.data as d; d.MIRRORS = ('http://127.0.0.1:9/',);"
-            "import sys, training.train as t; sys.exit(t.main(['--store', sys.argv[1]]))",
+            "import sys, training.train_cli as t; sys.exit(t.main(['--store', sys.argv[1]]))",
             str(tmp_path / "store"),
         ],
         cwd=ROOT,

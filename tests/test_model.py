@@ -193,32 +193,32 @@ def test_ctrl_c_or_sigterm_during_training_publishes_nothing(tmp_path, sig):
 
 def test_ctrl_c_after_the_version_went_live_says_so(tmp_path, monkeypatch, capsys):
     from store import PublishInterrupted
-    from training import train as train_module
+    from training import train_cli
 
     def published_then_interrupted(*args, **kwargs):
         raise PublishInterrupted(7)
 
-    monkeypatch.setattr(train_module, "load_split", lambda *args: None)
-    monkeypatch.setattr(train_module, "doubtful_data", lambda *args: [])
-    monkeypatch.setattr(train_module, "train", lambda *args, **kwargs: None)
-    monkeypatch.setattr(train_module, "publish", published_then_interrupted)
-    assert train_module.main(["--store", str(tmp_path)]) == 130
+    monkeypatch.setattr(train_cli, "load_split", lambda *args: None)
+    monkeypatch.setattr(train_cli, "doubtful_data", lambda *args: [])
+    monkeypatch.setattr(train_cli, "train", lambda *args, **kwargs: None)
+    monkeypatch.setattr(train_cli, "publish", published_then_interrupted)
+    assert train_cli.main(["--store", str(tmp_path)]) == 130
     assert "interrupted, but mnist v7 was already published" in capsys.readouterr().err
 
     def interrupted(*args):  # Ctrl-C after publish() returned, while the result prints
         raise KeyboardInterrupt
 
     live = types.SimpleNamespace(name="mnist", version=8, path=tmp_path, manifest={})
-    monkeypatch.setattr(train_module, "publish", lambda *args, **kwargs: live)
-    monkeypatch.setattr(train_module, "describe_timing", interrupted)
+    monkeypatch.setattr(train_cli, "publish", lambda *args, **kwargs: live)
+    monkeypatch.setattr(train_cli, "describe_timing", interrupted)
     live.manifest = {"metrics": {"test_accuracy": 0.99}, "training": {}}
-    assert train_module.main(["--store", str(tmp_path)]) == 130
+    assert train_cli.main(["--store", str(tmp_path)]) == 130
     assert "interrupted, but mnist v8 was already published" in capsys.readouterr().err
 
 
 def test_blank_training_images_are_a_data_error_before_training(sample_train, sample_test):
     from training.data import DataError, Split
-    from training.train import doubtful_data
+    from training.train_cli import doubtful_data
 
     blank = Split(np.zeros((64, 28, 28), np.uint8), np.arange(64, dtype=np.int32) % 10, {})
     with pytest.raises(DataError, match="almost no contrast"):
@@ -281,7 +281,7 @@ def test_a_model_below_min_accuracy_is_not_published(tmp_path):
     ],
 )
 def test_training_arguments_out_of_range_are_refused(capsys, args, message):
-    from training.train import parse_args
+    from training.train_cli import parse_args
 
     with pytest.raises(SystemExit) as exit_:
         parse_args(args)
