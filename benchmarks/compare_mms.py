@@ -14,6 +14,8 @@ worker still loading). Then digitserve alone: 8 images per request (multipart) a
 concurrency 32, and a 280x280 canvas PNG and a ~1 MP phone JPEG at concurrency 1 with the
 server's own latency_ms. Writes compare_mms.json/.md/.png to --out and prints the Markdown
 table. Needs java (OpenJDK 17 works) and wrk (installed with apt-get if missing).
+
+One script on purpose (about 450 lines): a user re-running the comparison reads one file.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
     python scripts/write_openapi.py
 
 Edit this file, not the JSON; tests/test_openapi.py checks the document is a
-valid OpenAPI 3.1 description whose paths and methods are exactly the app's.
+valid OpenAPI 3.1 description whose paths and methods are exactly the app's. It is
+long (about 380 lines) because it is the document itself, written as Python data.
 """
 
 from __future__ import annotations
