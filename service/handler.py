@@ -3,7 +3,7 @@
 - ``extract_images``: the request body -> a list of image bytes (all limits that
   need no decoding are checked here, before any expensive work),
 - ``preprocess``: image bytes -> normalized (N, 1, 28, 28) batch,
-- ``inference``: the batch -> the engine's queue (a Future of the probabilities),
+- ``inference``: the batch -> the engine's queue (a Pending of the probabilities),
 - ``postprocess``: probabilities -> the JSON response.
 
 ``initialize`` is the engine's start (see service.inference).
@@ -15,14 +15,13 @@ import base64
 import binascii
 import json
 import re
-from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
 from flask import Request
 
 from service import decoding, errors
-from service.batching import Prediction
+from service.batching import Pending, Prediction
 from service.config import Config
 from service.inference import InferenceEngine
 from service.mnist_form import MNIST_SIZE, WORK_SIZE, to_mnist
@@ -190,8 +189,8 @@ def _each(index: int, count: int, step, *args, **kwargs):
         raise
 
 
-def inference(engine: InferenceEngine, batch: np.ndarray, version: ModelVersion) -> Future:
-    """Queue the batch for the engine's next forward; the Future gives a Prediction."""
+def inference(engine: InferenceEngine, batch: np.ndarray, version: ModelVersion) -> Pending:
+    """Queue the batch for the engine's next forward; the Pending gives a Prediction."""
     return engine.submit(batch, version.version)
 
 

@@ -1,7 +1,7 @@
 """The inference engine: one thread per worker owns every MXNet call.
 
 Request threads never touch the model: they submit preprocessed images to the
-batcher (service.batching) and wait on a Future. The engine's thread
+batcher (service.batching) and wait on a Pending. The engine's thread
 
 - loads the serving version at start (``ready`` is set after), through the
   version registry (service.registry),
@@ -19,14 +19,13 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from service import errors
-from service.batching import AdaptiveBatcher, Job, Prediction
+from service.batching import AdaptiveBatcher, Job, Pending, Prediction
 from service.config import Config
 from service.registry import Loader, VersionRegistry, default_loader
 from store import ModelStore, ModelVersion
@@ -38,7 +37,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _Reload:
-    future: Future = field(default_factory=Future)
+    future: Pending = field(default_factory=Pending)
 
 
 _STOP = object()
@@ -129,11 +128,11 @@ class InferenceEngine:
         """Wrap a request's decoding and ``submit`` in this, so a forward may wait for it."""
         return self.batcher.preparing()
 
-    def submit(self, inputs: np.ndarray, version: int) -> Future:
-        """Queue normalized inputs for ``version``; the Future gives a Prediction."""
+    def submit(self, inputs: np.ndarray, version: int) -> Pending:
+        """Queue normalized inputs for ``version``; the Pending gives a Prediction."""
         return self.batcher.submit(inputs, version)
 
-    def result(self, future: Future) -> Prediction:
+    def result(self, future: Pending) -> Prediction:
         try:
             return future.result(timeout=self.config.INFERENCE_TIMEOUT)
         except TimeoutError as exc:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import CancelledError
 
 import numpy as np
 import pytest
 
 from service import errors
-from service.batching import AdaptiveBatcher, Job
+from service.batching import AdaptiveBatcher, Job, Pending
 
 
 def stand_in(version: int, batch: np.ndarray) -> np.ndarray:
@@ -150,3 +151,22 @@ def test_a_cancelled_request_is_skipped():
     assert cancelled.cancel()
     drain(b)
     assert kept.result(0).probabilities.shape == (1, 10) and b.pending_images == 0
+
+
+def test_pending_gives_its_answer_its_error_or_says_it_was_cancelled():
+    answered, failed, waiting = Pending(), Pending(), Pending()
+    threading.Timer(0.05, answered.set_result, ("rows",)).start()
+    assert answered.result(5) == "rows" and answered.result(0) == "rows" and answered.done()
+    failed.set_running_or_notify_cancel()
+    failed.set_exception(ValueError("boom"))
+    with pytest.raises(ValueError, match="boom"):
+        failed.result(0)
+    with pytest.raises(TimeoutError):
+        waiting.result(0.01)
+    assert waiting.cancel() and waiting.done()
+    assert not waiting.set_running_or_notify_cancel()  # the engine skips it
+    with pytest.raises(CancelledError):
+        waiting.result(0)
+    running = Pending()
+    assert running.set_running_or_notify_cancel()
+    assert not running.cancel()  # too late: its forward is under way
