@@ -25,6 +25,7 @@ from .support import ROOT, SHIPPED_STORE, InProcessClient, Server, copy_shipped_
 settings.register_profile("local", deadline=None)
 settings.register_profile("ci", deadline=None, derandomize=True, database=None, print_blob=True)
 settings.load_profile("ci" if os.environ.get("CI") else "local")
+pytest_plugins = ["tests.ci_skips"]  # under CI=true a skip fails: nothing may go unchecked
 
 SAMPLE_DIR = ROOT / "tests" / "data" / "mnist-sample"
 
