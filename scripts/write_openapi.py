@@ -1,14 +1,16 @@
 """Write service/openapi.json (the API description the service serves).
 
-    python scripts/write_openapi.py
+    python scripts/write_openapi.py [--out service/openapi.json]
 
 Edit this file, not the JSON; tests/test_openapi.py checks the document is a
-valid OpenAPI 3.1 description whose paths and methods are exactly the app's. It is
-long (about 380 lines) because it is the document itself, written as Python data.
+valid OpenAPI 3.1 description whose paths and methods are exactly the app's, and that
+this script still writes the committed file. It is long (about 380 lines) because it is
+the document itself, written as Python data.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -376,4 +378,6 @@ DOC = {
 }
 
 if __name__ == "__main__":
-    OUT.write_text(json.dumps(DOC, indent=2) + "\n")
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.parse_args().out.write_text(json.dumps(DOC, indent=2) + "\n")

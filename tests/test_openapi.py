@@ -17,6 +17,8 @@ from PIL import Image
 
 from service.api import openapi_document
 
+from .conftest import ROOT
+
 
 @pytest.fixture
 def client(app):
@@ -59,6 +61,17 @@ def test_responses_match_their_schemas(client, sample_test):
     assert err.status_code == 400
     jsonschema.validate(err.get_json(), schema("Error"))
     jsonschema.validate(client.get("/metadata").get_json(), schema("ModelDescription"))
+
+
+def test_the_committed_document_is_what_the_script_writes(tmp_path):
+    out = tmp_path / "openapi.json"
+    subprocess.run(
+        [sys.executable, "scripts/write_openapi.py", "--out", str(out)],
+        cwd=ROOT,
+        check=True,
+        timeout=60,
+    )
+    assert out.read_bytes() == (ROOT / "service" / "openapi.json").read_bytes()
 
 
 def test_served_document_is_the_file(client):
