@@ -89,8 +89,8 @@ def tiny_store(tmp_path_factory, sample_train, sample_test) -> ModelStore:
 def start_server(tmp_path) -> Iterator:
     servers: list[Server] = []
 
-    def start(env: dict[str, str], workers: int = 2, wait: bool = True) -> Server:
-        server = Server({"LOG_DIR": str(tmp_path), **env}, workers)
+    def start(env: dict[str, str], workers: int = 2, wait: bool = True, **kw: str) -> Server:
+        server = Server({"LOG_DIR": str(tmp_path), **env}, workers, **kw)
         servers.append(server)
         if wait:
             server.wait_ready()

@@ -113,8 +113,10 @@ def free_port() -> int:
 class Server:
     """A real gunicorn serving the app on 127.0.0.1, stopped by the fixture."""
 
-    def __init__(self, env: dict[str, str], workers: int = 2):
-        self.env, self.workers, self.relaunches = env, workers, 0
+    def __init__(
+        self, env: dict[str, str], workers: int = 2, app: str = "service.app:create_app()"
+    ):
+        self.env, self.workers, self.app, self.relaunches = env, workers, app, 0
         self._launch()
 
     def _launch(self) -> None:
@@ -139,7 +141,7 @@ class Server:
                 "gunicorn",
                 "-c",
                 "service/gunicorn.conf.py",
-                "service.app:create_app()",
+                self.app,
             ],
             cwd=ROOT,
             env=full_env,
