@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import jsonschema
@@ -16,8 +17,12 @@ import pytest
 from PIL import Image
 
 from training.study import config, fmt, notebook, paper, report
-from training.study.lr import _ratio
+from training.study import verdicts as v
+from training.study.dropout import summarize as dropout_summarize
+from training.study.lr import _ratio, key
+from training.study.lr import summarize as lr_summarize
 from training.study.runner import RunSpec, checkpoints, load_data, train_run
+from training.study.stats import spread
 
 from .conftest import ROOT, SAMPLE_DIR
 
@@ -310,3 +315,285 @@ def test_notebook_runs_at_smoke_size():
     text = "".join(o.get("text", "") for c in code for o in c.outputs)
     assert "size 'smoke'" in text
     assert "image alone vs in a batch of 8" in text
+
+
+# --------------------------------------------------------------------------------------------
+# The verdict rules, branch by branch, on synthetic results (the summaries come from the
+# experiments' own summarize functions, so they have the shape a real run gives them).
+
+SEEDS = (1, 2)
+
+
+def lr_results(sweeps: dict[str, dict[tuple[float, bool], dict]], steps: int = 1000) -> dict:
+    """Experiment 2 as measured: per net, (lr, batch_norm) -> steps to each threshold (the
+    same for every seed; None: not reached), the final accuracy and whether it diverged."""
+    cfg = config.StudyConfig(
+        seeds=SEEDS,
+        lr=config.LRConfig(
+            sweeps=tuple(
+                config.ArchSweep(arch, tuple(sorted({lr for lr, _ in cells})), steps)
+                for arch, cells in sweeps.items()
+            )
+        ),
+    )
+    runs = [
+        {
+            "spec": {"arch": arch, "lr": lr, "batch_norm": bn, "seed": seed},
+            "diverged": cell.get("diverged", False),
+            "final_test_accuracy": cell.get("final", 0.985),
+            "reached": {
+                key(t): None if cell[t] is None else {"step": cell[t], "seconds": cell[t] / 50}
+                for t in (0.97, 0.98)
+            },
+        }
+        for arch, cells in sweeps.items()
+        for (lr, bn), cell in cells.items()
+        for seed in SEEDS
+    ]
+    return {
+        "config": asdict(cfg),
+        "experiments": {"lr": {"runs": runs, "summary": lr_summarize(runs, cfg)}},
+    }
+
+
+def reached(to_97: int | None, to_98: int | None, **rest) -> dict:
+    return {0.97: to_97, 0.98: to_98, **rest}
+
+
+NEVER = reached(None, None, final=0.3)  # finite to the end, far from trained
+DIVERGED = reached(None, None, final=None, diverged=True)
+
+
+def speed_case(bn_steps: int | None, plain_steps: int | None) -> dict[tuple[float, bool], dict]:
+    """One rate; steps to 98% with and without BN."""
+    return {(0.1, True): reached(bn_steps, bn_steps), (0.1, False): reached(None, plain_steps)}
+
+
+@pytest.mark.parametrize(
+    ("sweeps", "verdict"),
+    [
+        ({"mlp": speed_case(100, 1000)}, "holds"),  # 10x
+        ({"mlp": speed_case(100, 1000), "cnn": speed_case(20, 400)}, "holds"),
+        ({"mlp": speed_case(500, 1000)}, "partly: faster, not tenfold"),  # 2x
+        ({"mlp": speed_case(500, None)}, "partly: faster, not tenfold"),  # >= 2x: plain never
+        ({"mlp": speed_case(50, 1000), "cnn": speed_case(200, 400)}, "partly"),  # 20x and 2x
+        ({"mlp": speed_case(500, 1000), "cnn": speed_case(400, 400)}, "partly"),  # 2x and 1x
+        ({"mlp": speed_case(400, 400)}, "does not hold"),
+        ({"mlp": speed_case(400, 300)}, "does not hold"),  # BN slower
+        ({"mlp": speed_case(None, None)}, "not measured"),  # no run reached a threshold
+    ],
+)
+def test_claim_speed_verdicts(sweeps, verdict):
+    assert v.claim_speed(lr_results(sweeps))[0] == verdict
+
+
+def test_claim_speed_judges_each_net_at_the_highest_threshold_it_reached():
+    cells = {(0.1, True): reached(100, None), (0.1, False): reached(1000, None)}
+    said, evidence = v.claim_speed(lr_results({"mlp": cells}))
+    assert (said, evidence) == (
+        "holds",
+        "at each net's own best learning rate: MLP 10.0x fewer steps to 97%",
+    )
+    results = lr_results({"mlp": speed_case(100, 500)})
+    results["experiments"]["paper"] = {"summary": {"bn_match_speedup": {"mean": 4.0}}}
+    assert v.claim_speed(results)[1].endswith(
+        "paper net: the BN net matched the plain net's final accuracy 4.0x sooner"
+    )
+    assert v.claim_speed({"experiments": {}}) == ("not measured", "experiment 2 was not run")
+
+
+# Rates 0.03, 0.1 and 1 for one net: each case says which reach 98% (steps), which not.
+LR_CASES = {
+    "holds": {  # BN trains at 1, where the plain net diverges, and is fastest there
+        (0.03, True): reached(200, 300),
+        (0.1, True): reached(100, 200),
+        (1.0, True): reached(50, 80),
+        (0.03, False): reached(300, 500),
+        (0.1, False): reached(300, 400),
+        (1.0, False): DIVERGED,
+    },
+    # The issue's case: BN at lr 1 stays finite but ends at 30%. Counted as trained, that
+    # made the claim hold; it is not, and BN trains at no higher rate than the plain net.
+    "partly": {
+        (0.03, True): reached(200, 300),
+        (0.1, True): reached(100, 150),
+        (1.0, True): NEVER,
+        (0.03, False): reached(300, 400),
+        (0.1, False): reached(400, 600),
+        (1.0, False): DIVERGED,
+    },
+    "does not hold": {
+        **{(lr, bn): reached(300, 400) for lr in (0.03, 0.1) for bn in (True, False)},
+        (1.0, True): NEVER,
+        (1.0, False): NEVER,
+    },
+}
+
+
+@pytest.mark.parametrize("verdict", list(LR_CASES))
+def test_claim_lr_verdicts(verdict):
+    assert v.claim_lr(lr_results({"mlp": LR_CASES[verdict]}))[0] == verdict
+
+
+def test_claim_lr_counts_a_rate_only_where_every_seed_reached_the_threshold():
+    results = lr_results({"mlp": LR_CASES["partly"]})
+    summary = results["experiments"]["lr"]["summary"]["mlp"]
+    assert summary["largest_stable_lr"] == {"bn": 1.0, "plain": 0.1}  # finite is not trained
+    assert v.largest_trained_lr(summary, "0.98", batch_norm=True) == 0.1
+    assert v.claim_lr(results)[1] == (
+        "MLP (rates 0.03, 0.1, 1): largest rate at which every seed reached 98%: 0.1 with BN, "
+        "0.1 without (largest without diverging: 1 and 0.1); fastest to 98%: lr 0.1 with BN, "
+        'lr 0.03 without (for "activations stay in range", see claim 3)'
+    )
+    one_seed = lr_results({"mlp": LR_CASES["holds"]})
+    run = next(
+        r
+        for r in one_seed["experiments"]["lr"]["runs"]
+        if r["spec"]["lr"] == 1.0 and r["spec"]["batch_norm"] and r["spec"]["seed"] == 2
+    )
+    run["reached"]["0.98"] = None  # seed 2 did not get there at lr 1
+    cfg = config.from_dict(one_seed["config"])
+    summary = lr_summarize(one_seed["experiments"]["lr"]["runs"], cfg)["mlp"]
+    assert v.largest_trained_lr(summary, "0.98", batch_norm=True) == 0.1
+    assert v.claim_lr({"experiments": {}}) == ("not measured", "experiment 2 was not run")
+
+
+def paper_results(
+    *,
+    early: bool = True,
+    late: bool = True,
+    ahead: float | None = 0.9,
+    match: float | None = 2.0,
+    finals: tuple[float, float] = (0.98, 0.97),
+) -> dict:
+    """Experiment 1's summary: BN 5x stabler over the whole run (``early``) and after its
+    first part (``late``), or as drifting as the plain net."""
+
+    def one(x: float | None) -> dict:
+        return spread([x])
+
+    def net(bn: bool) -> dict:
+        whole, after = (0.2 if bn and early else 1.0), (0.2 if bn and late else 1.0)
+        return {
+            "median_shift": one(after),
+            "width_ratio": one(1.5),
+            "unit_whole": {"median_shift": one(whole), "width_ratio": one(1.5)},
+            "final_test_accuracy": one(finals[0] if bn else finals[1]),
+        }
+
+    summary = {
+        "bn": net(True),
+        "plain": net(False),
+        "bn_ahead_fraction": one(ahead),
+        "bn_match_speedup": one(match),
+    }
+    return {
+        "config": {"paper": {"hidden": [100, 100, 100]}},
+        "experiments": {"paper": {"summary": summary, "runs": [{"drift": {"from_step": 500}}]}},
+    }
+
+
+@pytest.mark.parametrize(
+    ("early", "late", "verdict", "in_the_papers_words"),
+    [
+        (True, True, "holds", "reproduces"),
+        (True, False, "partly: early in training", "partly: early in training only"),
+        (False, True, "partly: late in training", "partly: late in training"),
+        (False, False, "does not hold", "does not reproduce"),
+    ],
+)
+def test_claim_shift_and_fig_1bc_verdicts(early, late, verdict, in_the_papers_words):
+    results = paper_results(early=early, late=late)
+    assert v.claim_shift(results)[0] == verdict
+    assert v.paper_bc(results) == (in_the_papers_words, v.claim_shift(results)[1])
+
+
+def test_claim_shift_without_measurements():
+    assert v.claim_shift({"experiments": {}}) == ("not measured", "experiment 1 was not run")
+    results = paper_results()
+    results["experiments"]["paper"]["summary"]["bn"]["median_shift"] = spread([])
+    assert v.claim_shift(results) == ("not measured", "no sigmoid-input percentiles recorded")
+    width = paper_results(early=False, late=False)
+    for part in (
+        width["experiments"]["paper"]["summary"]["plain"],
+        width["experiments"]["paper"]["summary"]["plain"]["unit_whole"],
+    ):
+        part["width_ratio"] = spread([3.0])  # the spread, not the median, is 2x stabler
+    assert v.claim_shift(width)[0] == "holds"
+
+
+@pytest.mark.parametrize(
+    ("kw", "verdict"),
+    [
+        ({}, "reproduces"),
+        ({"ahead": 0.6}, "partly"),
+        ({"match": None}, "partly"),  # never matched the plain net's final accuracy
+        ({"finals": (0.96, 0.97)}, "partly"),  # ahead, but ends lower
+        ({"ahead": 0.4}, "does not reproduce"),
+        ({"ahead": None}, "not measured"),
+    ],
+)
+def test_fig_1a_verdicts(kw, verdict):
+    assert v.paper_a(paper_results(**kw))[0] == verdict
+
+
+def dropout_results(gaps: dict[str, float | None], tests: dict[str, float]) -> dict:
+    """Experiment 3 as measured: each configuration's train-test gap and test accuracy,
+    with a seed spread of +-0.001 (None: it diverged)."""
+    runs = [
+        {
+            "config": name,
+            "diverged": gap is None,
+            **(
+                {}
+                if gap is None
+                else {
+                    "final_train_accuracy": tests[name] + gap + d,
+                    "final_test_accuracy": tests[name],
+                    "final_gap": gap + d,
+                }
+            ),
+        }
+        for name, gap in gaps.items()
+        for d in (-0.001, 0.001)
+    ]
+    return {"experiments": {"dropout": {"runs": runs, "summary": dropout_summarize(runs)}}}
+
+
+TESTS = {"neither": 0.97, "bn": 0.975, "dropout": 0.975, "bn+dropout": 0.98}
+
+
+@pytest.mark.parametrize(
+    ("gaps", "tests", "verdict"),
+    [
+        ({"neither": 0.03, "bn": 0.025, "dropout": 0.01, "bn+dropout": 0.008}, TESTS, "holds"),
+        # BN narrows the gap more than Dropout: not "a little"
+        ({"neither": 0.03, "bn": 0.005, "dropout": 0.02, "bn+dropout": 0.004}, TESTS, "partly"),
+        # Dropout on top of BN narrows the gap but costs test accuracy
+        (
+            {"neither": 0.03, "bn": 0.025, "dropout": 0.01, "bn+dropout": 0.008},
+            {**TESTS, "bn+dropout": 0.97},
+            "partly",
+        ),
+        (
+            {"neither": 0.03, "bn": 0.035, "dropout": 0.01, "bn+dropout": 0.04},
+            TESTS,
+            "does not hold",
+        ),
+        (
+            {"neither": 0.03, "bn": None, "dropout": 0.01, "bn+dropout": 0.008},
+            TESTS,
+            "not measured",
+        ),
+    ],
+)
+def test_claim_dropout_verdicts(gaps, tests, verdict):
+    assert v.claim_dropout(dropout_results(gaps, tests))[0] == verdict
+
+
+def test_claim_dropout_says_which_differences_are_within_the_seed_spread():
+    gaps = {"neither": 0.03, "bn": 0.0295, "dropout": 0.01, "bn+dropout": 0.008}
+    evidence = v.claim_dropout(dropout_results(gaps, TESTS))[1]
+    assert "BN alone changes it by -0.05 points (within the seed spread)" in evidence
+    assert "Dropout alone by -2.00 points;" in evidence
+    assert v.claim_dropout({"experiments": {}}) == ("not measured", "experiment 3 was not run")
