@@ -1,11 +1,13 @@
 """How the served pipeline does on uploads that are not MNIST files.
 
-    python -m benchmarks.realworld_accuracy [--n 1000] [--store model_store]
+    python -m benchmarks.realworld_accuracy [--n 1000] [--store model_store] [--output FILE]
 
 Takes MNIST test digits, renders each as a user would upload it (a phone photo
 of the digit written on paper, a browser-canvas PNG export with a transparent
 background, and every file format), runs the service's own preprocessing and
-the exported model, and prints accuracy beside the plain-MNIST accuracy.
+the exported model, and prints accuracy beside the plain-MNIST accuracy; --output
+also writes them as JSON (benchmarks/results/realworld_accuracy.json is the committed
+one). The ms/image column is a timing, only worth reading from a quiet machine.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
+from benchmarks import results
 from service import handler
 from service.config import Config
 from store import ModelStore, loading
@@ -28,7 +32,9 @@ def main() -> None:
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--store", default="model_store")
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--output", type=Path, help="also write the figures here as JSON")
     args = p.parse_args()
+    meta = results.run_meta("benchmarks.realworld_accuracy")
     mv = ModelStore(args.store).resolve("mnist")
     model = loading.load(mv)
     norm = mv.manifest["normalization"]
@@ -46,6 +52,7 @@ def main() -> None:
             f"file {fmt}": (lambda d, r, f=fmt: images.encode_bytes(d, f)) for fmt in images.FORMATS
         },
     }
+    rows = []
     for name, render in renderers.items():
         rng = np.random.default_rng(1)
         files = [render(d, rng) for d in digits]
@@ -57,6 +64,11 @@ def main() -> None:
             f"{name:<28} accuracy {accuracy:.2%} ({accuracy - base:+.2%}), "
             f"preprocessing {ms:.1f} ms/image"
         )
+        rows.append({"name": name, "accuracy": float(accuracy), "ms_per_image": ms})
+    if args.output:
+        model = {"name": mv.name, "version": mv.version}
+        figures = {"model": model, "digits": len(idx), "mnist_accuracy": float(base)}
+        results.write(args.output, {"meta": meta, **figures, "uploads": rows})
 
 
 if __name__ == "__main__":
