@@ -417,7 +417,29 @@ def main() -> None:
                     flush=True,
                 )
     meta["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
-    rows, markdown = summarize(rounds, concurrency)
+    rows, _ = summarize(rounds, concurrency)
+    results = {"meta": meta, "summary": rows, "rounds": rounds, "digitserve_alone": alone}
+    (out / "compare_mms.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "compare_mms.md").write_text(report(results))
+    if rounds:
+        plot(rows, out / "compare_mms.png", header(meta))
+    print(f"\n{header(meta)}\n\n{tables(results)}\n\nwritten to {out}/compare_mms.{{json,md,png}}")
+
+
+def header(meta: dict) -> str:
+    args = meta["args"]
+    return (
+        f"commit {meta['commit']}{' (dirty)' if meta['dirty'] else ''}, {meta['date']}, "
+        f"nproc {meta['nproc']}, load {meta['loadavg_before']} -> {meta['loadavg_after']}, "
+        f"{args['rounds']} rounds of {args['seconds']} s a point"
+    )
+
+
+def tables(results: dict) -> str:
+    """The Markdown tables of a run, from its compare_mms.json alone."""
+    concurrency = [int(c) for c in results["meta"]["args"]["concurrency"].split(",")]
+    _, markdown = summarize(results["rounds"], concurrency)
+    alone = results["digitserve_alone"]
     if alone:
         markdown += (
             "\n\n| digitserve alone | concurrency | req/s (p50/p99 ms) | images/s | "
@@ -429,17 +451,13 @@ def main() -> None:
         markdown += (
             f"\n| {key} | {r['concurrency']} | {cell(r)} | {r['images_per_s']:.0f} | {own} |"
         )
-    header = (
-        f"commit {meta['commit']}{' (dirty)' if meta['dirty'] else ''}, {meta['date']}, "
-        f"nproc {meta['nproc']}, load {meta['loadavg_before']} -> {meta['loadavg_after']}, "
-        f"{args.rounds} rounds of {args.seconds} s a point"
-    )
-    results = {"meta": meta, "summary": rows, "rounds": rounds, "digitserve_alone": alone}
-    (out / "compare_mms.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "compare_mms.md").write_text(f"{header}\n\n`{meta['command']}`\n\n{markdown}\n")
-    if rounds:
-        plot(rows, out / "compare_mms.png", header)
-    print(f"\n{header}\n\n{markdown}\n\nwritten to {out}/compare_mms.{{json,md,png}}")
+    return markdown
+
+
+def report(results: dict) -> str:
+    """compare_mms.md: the run's header line, its command and its tables."""
+    meta = results["meta"]
+    return f"{header(meta)}\n\n`{meta['command']}`\n\n{tables(results)}\n"
 
 
 if __name__ == "__main__":

@@ -56,7 +56,12 @@ def main() -> None:
     if args.output:
         figures = {
             "model": {"name": name, "version": mv.version, "arch": m["arch"]},
-            "manifest": {"created": m["created"], "training": t, "metrics": m["metrics"]},
+            "manifest": {
+                "created": m["created"],
+                "training": t,
+                "history": m["history"],
+                "metrics": m["metrics"],
+            },
             "exported": {
                 "test_images": len(test),
                 "test_accuracy": result.accuracy,

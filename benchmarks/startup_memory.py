@@ -1,11 +1,12 @@
 """Start-up time and worker memory of `make run`'s server, from a cold start.
 
-    .venv/bin/python -m benchmarks.startup_memory [--requests 2000]
+    .venv/bin/python -m benchmarks.startup_memory [--requests 2000] [--output FILE]
 
 Starts gunicorn with service/gunicorn.conf.py on a free 127.0.0.1 port, times the
 launch until every worker serves the model (per-pid metrics), posts ``--requests``
 MNIST test digits one at a time, then prints each worker's resident memory (VmRSS)
-and stops the server by its process group.
+and stops the server by its process group. --output also writes the figures as JSON
+(benchmarks/results/startup_memory.json is the committed one: from a quiet machine).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import requests
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks import results
 from training.data import load_split
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +55,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--output", type=Path, help="also write the figures here as JSON")
     args = p.parse_args()
+    meta = results.run_meta("benchmarks.startup_memory")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -90,9 +94,13 @@ def main() -> None:
                 f"{url}/predict", data=buf.getvalue(), headers={"Content-Type": "image/png"}
             ).raise_for_status()
         pids = [int(p) for p in subprocess.check_output(["pgrep", "-P", str(proc.pid)]).split()]
+        rss = {pid: rss_mb(pid) for pid in pids}
         print(f"start-up to every worker ready: {ready:.2f} s ({args.workers} workers)")
-        for pid in pids:
-            print(f"worker {pid}: {rss_mb(pid):.0f} MB resident after {len(digits)} requests")
+        for pid, mb in rss.items():
+            print(f"worker {pid}: {mb:.0f} MB resident after {len(digits)} requests")
+        if args.output:
+            figures = {"workers": args.workers, "requests": len(digits), "ready_seconds": ready}
+            results.write(args.output, {"meta": meta, **figures, "rss_mb": list(rss.values())})
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(60)
