@@ -20,7 +20,7 @@ MAX_SECONDS = 86_400.0
 @dataclass(frozen=True)
 class Config:
     # Where the model comes from.
-    STORE: str = str(DEFAULT_ROOT)  # model store folder
+    STORE: str = str(DEFAULT_ROOT)  # a model store, or one version (store.single)
     MODEL_NAME: str = "mnist"
     MODEL_VERSION: int | None = None  # pin a version; unset: newest, hot-swapped
     POLL_SECONDS: float = 2.0  # how often each worker looks for a new version (0: never)

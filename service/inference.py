@@ -29,6 +29,7 @@ from service.batching import AdaptiveBatcher, Job, Pending, Prediction
 from service.config import Config
 from service.registry import Loader, VersionRegistry, default_loader
 from store import ModelStore, ModelVersion
+from store.single import SingleVersionStore, open_store
 
 __all__ = ["InferenceEngine", "Prediction"]
 
@@ -45,10 +46,14 @@ _STOP = object()
 
 class InferenceEngine:
     def __init__(
-        self, config: Config, store: ModelStore | None = None, loader: Loader = default_loader
+        self,
+        config: Config,
+        store: ModelStore | SingleVersionStore | None = None,
+        loader: Loader = default_loader,
     ):
         self.config = config
-        self.store = store or ModelStore(config.STORE)
+        # A versioned store, or one exported version (KServe's /mnt/models): store.single
+        self.store = store or open_store(config.STORE)
         self.name = config.MODEL_NAME
         self.registry = VersionRegistry(
             self.store,

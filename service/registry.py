@@ -151,7 +151,7 @@ class VersionRegistry:
         retried when this changes, e.g. once a copy made file by file is complete."""
         entries = []
         try:
-            for path in (self.store.root / self.name / str(version)).iterdir():
+            for path in self.store.version_path(self.name, version).iterdir():
                 st = path.stat()
                 entries.append((path.name, st.st_size, st.st_mtime_ns))
         except OSError:

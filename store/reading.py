@@ -77,12 +77,16 @@ class ModelStore:
         return sorted(int(p.name) for p in candidates if has_manifest(p))
 
     def get(self, name: str, version: int) -> ModelVersion:
-        path = self.root / validate_name(name) / str(version)
+        path = self.version_path(name, version)
         if not is_version(str(version)) or not has_manifest(path):
             raise ModelNotFound(f"model {name!r} has no version {version}")
         return ModelVersion(
             name, version, path, manifest.read(path / MANIFEST, name=name, version=version)
         )
+
+    def version_path(self, name: str, version: int) -> Path:
+        """The folder of a version (which may not exist)."""
+        return self.root / validate_name(name) / str(version)
 
     def resolve(self, name: str, version: int | None = None) -> ModelVersion:
         """A pinned version, or the newest one when ``version`` is None."""
