@@ -37,6 +37,16 @@ ERR = {
 }
 REFUSED = {"409": {"$ref": "#/components/responses/Refused"}}
 UNAVAILABLE = {"503": {"$ref": "#/components/responses/Unavailable"}}
+
+
+def v2(responses: dict) -> dict:
+    """The same error responses in the V2 protocol's shape ({"error": "<message>"})."""
+    return {
+        code: {"$ref": r["$ref"].replace("/responses/", "/responses/V2")} if "$ref" in r else r
+        for code, r in responses.items()
+    }
+
+
 # Health and readiness answer 503 with their own body ({"ready": false, ...}), not an Error.
 NOT_READY = {
     "503": json_response("Not live or not ready: the same body, false", {"type": "object"})
@@ -108,6 +118,23 @@ def get_op(
 
 
 OBJ = {"type": "object"}
+BINARY = {
+    "schema": {
+        "type": "string",
+        "format": "binary",
+        "description": "The binary tensor data extension: a JSON header of the length given "
+        "by the Inference-Header-Content-Length header, then the raw little-endian tensors",
+    }
+}
+V2_INFER_BODY = {
+    "application/json": {"schema": ref("V2InferRequest")},
+    "application/octet-stream": BINARY,
+}
+V2_INFER_OK = {
+    "description": "Outputs (binary ones after a JSON header when asked for)",
+    "content": {"application/json": {"schema": ref("V2InferResponse")}},
+}
+V2_INFER_OK["content"]["application/octet-stream"] = BINARY
 DOC = {
     "openapi": "3.1.0",
     "info": {
@@ -196,6 +223,7 @@ DOC = {
             }
         },
         "/v2": get_op("KServe V2 server metadata", "v2ServerMetadata", OBJ),
+        # The V2 paths' errors: the protocol's shape, see v2() below.
         "/v2/health/live": get_op("KServe V2 liveness", "v2Live", OBJ, extra=NOT_READY),
         "/v2/health/ready": get_op("KServe V2 readiness", "v2Ready", OBJ, extra=NOT_READY),
         "/v2/models/{name}": get_op(
@@ -225,9 +253,9 @@ DOC = {
                 "parameters": [NAME],
                 "requestBody": {
                     "required": True,
-                    "content": {"application/json": {"schema": ref("V2InferRequest")}},
+                    "content": V2_INFER_BODY,
                 },
-                "responses": {"200": json_response("Outputs", ref("V2InferResponse")), **ERR},
+                "responses": {"200": V2_INFER_OK, **ERR},
             }
         },
         "/v2/models/{name}/versions/{version}/infer": {
@@ -237,10 +265,10 @@ DOC = {
                 "parameters": [NAME, VERSION],
                 "requestBody": {
                     "required": True,
-                    "content": {"application/json": {"schema": ref("V2InferRequest")}},
+                    "content": V2_INFER_BODY,
                 },
                 "responses": {
-                    "200": json_response("Outputs", ref("V2InferResponse")),
+                    "200": V2_INFER_OK,
                     **ERR,
                     **REFUSED,
                 },
@@ -275,6 +303,14 @@ DOC = {
                         "required": ["code", "message"],
                         "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
                     }
+                },
+            },
+            "V2Error": {
+                "type": "object",
+                "required": ["error"],
+                "properties": {
+                    "error": {"type": "string", "description": "The message"},
+                    "code": {"type": ["string", "null"], "description": "The API's error code"},
                 },
             },
             "ImageJson": {
@@ -335,9 +371,13 @@ DOC = {
                         "maxItems": 1,
                         "items": {
                             "type": "object",
-                            "required": ["name", "shape", "datatype", "data"],
+                            "required": ["name", "shape", "datatype"],
                             "properties": {
                                 "name": {"type": "string"},
+                                "parameters": {
+                                    "type": "object",
+                                    "properties": {"binary_data_size": {"type": "integer"}},
+                                },
                                 "shape": {
                                     "type": "array",
                                     "description": "[N, 1, 28, 28]",
@@ -356,10 +396,28 @@ DOC = {
                                     "minItems": 1,
                                     "items": {"type": ["number", "array"]},
                                     "description": "N*784 finite numbers in row-major "
-                                    "order, flat or nested as the shape",
+                                    "order, flat or nested as the shape (or none, and "
+                                    "parameters.binary_data_size bytes after the header)",
                                 },
                             },
                         },
+                    },
+                    "outputs": {
+                        "type": "array",
+                        "description": "The outputs to send (default: all), each in binary "
+                        "with parameters.binary_data",
+                        "items": {
+                            "type": "object",
+                            "required": ["name"],
+                            "properties": {
+                                "name": {"enum": ["probabilities", "digit"]},
+                                "parameters": {"type": "object"},
+                            },
+                        },
+                    },
+                    "parameters": {
+                        "type": "object",
+                        "description": "binary_data_output: every output in binary",
                     },
                 },
             },
@@ -375,6 +433,15 @@ DOC = {
             },
         },
     },
+}
+
+for _path, _ops in DOC["paths"].items():
+    if _path == "/v2" or _path.startswith("/v2/"):
+        for _op in _ops.values():
+            _op["responses"] = v2(_op["responses"])
+DOC["components"]["responses"] |= {
+    "V2" + name: json_response(r["description"], ref("V2Error"))
+    for name, r in list(DOC["components"]["responses"].items())
 }
 
 if __name__ == "__main__":

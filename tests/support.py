@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 from flask import Flask
@@ -25,12 +26,19 @@ SHIPPED_STORE = ROOT / "model_store"
 
 
 def assert_error(response: Any, status: int, code: str | None = None) -> None:
-    """The API's one error shape, from gunicorn (requests) or in-process (InProcessClient)."""
+    """The API's one error shape, from gunicorn (requests) or in-process (InProcessClient);
+    under /v2 the V2 protocol's, {"error": "<message>"}, with the API's code beside it."""
     assert response.status_code == status, response.text
     body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}
+    if urlsplit(response.url).path.startswith("/v2"):
+        assert set(body) == {"error", "code"} and isinstance(body["error"], str), body
+        assert body["error"]
+        got = body["code"]
+    else:
+        assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}
+        got = body["error"]["code"]
     if code:
-        assert body["error"]["code"] == code, body
+        assert got == code, body
 
 
 class Answer:
@@ -39,6 +47,7 @@ class Answer:
     def __init__(self, response: Any):
         self.raw = response
         self.status_code: int = response.status_code
+        self.url: str = response.request.url
         self.headers = response.headers
         self.text: str = response.get_data(as_text=True)
         response.close()  # a file response (the drawing page) holds its file open until then

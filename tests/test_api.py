@@ -285,7 +285,7 @@ def test_kserve_v2_protocol(client, digits):
         bad = dict(body, inputs=[dict(one, data=data.ravel().tolist())])
         r = client.post("/v2/models/mnist/infer", json=bad)
         assert_error(r, 400, "bad_tensor")
-        assert "[0, 1]" in r.json()["error"]["message"]
+        assert "[0, 1]" in r.json()["error"]
     assert_error(client.post("/v2/models/nope/infer", json=body), 404)
 
 
