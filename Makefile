@@ -5,7 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-all lint train evaluate study notebook e2e clean python-check
+.PHONY: run test test-all lint train evaluate study notebook e2e kube-validate kube-e2e \
+	clean python-check
 
 python-check:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)' 2>/dev/null || { \
@@ -62,5 +63,22 @@ notebook: $(STAMP)-dev
 e2e:
 	bash scripts/container-e2e.sh
 
+# The Kubernetes tools (KServe's SDK, kubernetes-validate, checkov) in a virtualenv of
+# their own: the SDK needs a newer numpy than MXNet allows.
+KUBE_VENV ?= .venv-kube
+$(KUBE_VENV)/.installed: deploy/kubernetes/requirements-tools.txt | python-check
+	test -x $(KUBE_VENV)/bin/python || $(PYTHON) -m venv $(KUBE_VENV)
+	$(KUBE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(KUBE_VENV)/bin/python -m pip install --quiet -r deploy/kubernetes/requirements-tools.txt
+	touch $@
+
+## Render every Kubernetes overlay and validate it (schemas, KServe's models, checkov).
+kube-validate: $(KUBE_VENV)/.installed
+	$(KUBE_VENV)/bin/python scripts/validate_manifests.py --self-test
+
+## Play the local overlay with podman for real (as root), with KServe's client; cleans up.
+kube-e2e: $(KUBE_VENV)/.installed
+	DIGITSERVE_KUBE_VENV=$(KUBE_VENV) bash scripts/kube-e2e.sh
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(KUBE_VENV) .pytest_cache .ruff_cache .hypothesis
