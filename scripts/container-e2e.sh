@@ -86,49 +86,13 @@ fi
 
 # ---- the work folder: podman's config, storage, socket and logs ------------------
 mkdir -p "$CACHE"
-# A run killed outright (SIGKILL, a machine restart) could not clean up: its work folder
-# holds gigabytes of podman storage, some of it still mounted. Remove those whose run is
-# gone (no live pid; folders from before pid files: older than an hour).
-for stale in /tmp/digitserve-e2e.*; do
-    [[ -d $stale ]] || continue
-    if [[ -f $stale/pid ]]; then
-        kill -0 "$(cat "$stale/pid")" 2>/dev/null && continue
-    elif [[ -z $(find "$stale" -maxdepth 0 -mmin +60) ]]; then
-        continue
-    fi
-    log "removing $stale, left by a run that was killed"
-    awk -v dir="$stale/" 'index($2, dir) == 1 {print $2}' /proc/mounts | sort -r \
-        | xargs -r -n1 umount -l
-    rm -rf "$stale"
-done
-WORK=$(mktemp -d /tmp/digitserve-e2e.XXXXXX)   # short: the socket path must fit 108 bytes
-echo $$ > "$WORK/pid"
-mkdir -p "$WORK/logs" "$WORK/digits" "$WORK/responses"
-cat > "$WORK/containers.conf" <<EOF
-[containers]
-default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
-[engine]
-runtime = "runc"
-cgroup_manager = "cgroupfs"
-events_logger = "file"
-events_logfile_path = "$WORK/events.log"
-tmp_dir = "$WORK/libpod"
-[network]
-network_config_dir = "$WORK/networks"
-EOF
-cat > "$WORK/storage.conf" <<EOF
-[storage]
-driver = "overlay"
-graphroot = "$WORK/storage"
-runroot = "$WORK/run"
-EOF
-export CONTAINERS_CONF=$WORK/containers.conf CONTAINERS_STORAGE_CONF=$WORK/storage.conf
+# shellcheck source=scripts/podman-work.sh
+. "$ROOT/scripts/podman-work.sh"
+podman_clean_stale digitserve-e2e      # what a run killed outright left behind
+podman_make_work digitserve-e2e
+mkdir -p "$WORK/digits" "$WORK/responses"
 export DIGITSERVE_E2E_CACHE=$CACHE
 SOCK=$WORK/podman.sock
-# podman's lock segment is shared by every rootful podman here: remove it only if
-# this run made it.
-SHM_LOCK_PREEXISTED=
-[[ -e /dev/shm/libpod_lock ]] && SHM_LOCK_PREEXISTED=1
 PODMAN_PID=
 COMPOSE_UP=
 export DOCKER_HOST=unix://$SOCK
@@ -164,15 +128,7 @@ cleanup() {
         log "kept the images in $WORK (CONTAINERS_CONF=$WORK/containers.conf" \
             "CONTAINERS_STORAGE_CONF=$WORK/storage.conf podman images)"
     else
-        bounded 60 podman rm -a -f -t 3 >/dev/null 2>&1
-        bounded 60 podman volume rm -a -f >/dev/null 2>&1
-        bounded 60 podman network prune -f >/dev/null 2>&1
-        bounded 120 podman system reset -f >/dev/null 2>&1
-        # Whatever is still mounted under the work folder (storage), innermost first.
-        awk -v w="$WORK" 'index($5, w) == 1 {print $5}' /proc/self/mountinfo | sort -r \
-            | while read -r m; do umount -l "$m"; done
-        rm -rf "$WORK"
-        [[ -n $SHM_LOCK_PREEXISTED ]] || rm -f /dev/shm/libpod_lock
+        podman_reset_work
     fi
     if ((rc == 0)); then
         log "PASSED in $((SECONDS - STARTED)) s"
@@ -184,28 +140,13 @@ cleanup() {
 trap cleanup EXIT
 trap 'exec 1>&3 2>&4; log "interrupted (or the overall ${TOTAL_TIMEOUT}s bound was reached)"; exit 124' INT TERM
 
-# ---- 2. the base image -------------------------------------------------------------
-[[ -f $ROOT/model_store/mnist/1/manifest.json ]] \
-    || die "model_store/mnist/1 (the shipped model) is missing: the serving image needs it"
-log "base image $BASE_TAG (rootfs cache: $CACHE)"
-bounded 1200 "$ROOT/scripts/make-base-image.sh" "$BASE_TAG" > "$WORK/logs/base.log" 2>&1 \
-    || { tail -n 40 "$WORK/logs/base.log"; die "could not make the base image"; }
-grep '^\[make-base-image\]' "$WORK/logs/base.log" | sed 's/^/    /'
-
-# ---- 3. the images -----------------------------------------------------------------
+# ---- 2. and 3. the base image and the images -------------------------------------
 # Built with podman (compose builds would not share its layer cache), tagged with the
 # names compose is told to use; docker format keeps HEALTHCHECK.
-build() {
-    local target=$1 tag=$2 t0=$SECONDS
-    bounded 1200 podman build --format docker --build-arg "BASE_IMAGE=$BASE_TAG" \
-        --target "$target" -t "$tag" "$ROOT" > "$WORK/logs/build-$target.log" 2>&1 \
-        || { tail -n 40 "$WORK/logs/build-$target.log"; die "building target $target failed"; }
-    log "built $tag (target $target) in $((SECONDS - t0)) s:" \
-        "$(podman image inspect --format '{{.Size}}' "$tag" | awk '{printf "%.0f MB", $1/1e6}')"
-}
-log "building the images"
-build serve "$SERVE_TAG"
-build train "$TRAIN_TAG"
+[[ -f $ROOT/model_store/mnist/1/manifest.json ]] \
+    || die "model_store/mnist/1 (the shipped model) is missing: the serving image needs it"
+log "base image $BASE_TAG (rootfs cache: $CACHE), then the images"
+podman_images "$BASE_TAG" "$SERVE_TAG" "$TRAIN_TAG"
 podman run --rm --network none --no-healthcheck --entrypoint sh "$SERVE_TAG" -c \
     'id -u | grep -qvx 0 && ! python -c "import tqdm" 2>/dev/null && ! test -e training' \
     || die "the serving image runs as root or holds training code/dependencies"
