@@ -7,7 +7,7 @@ Each flag may come from the environment instead; a flag wins over its variable:
     --model_name  DIGITSERVE_MODEL_NAME   the name served at /v2/models/<name> (mnist)
     --model_dir   DIGITSERVE_STORE        a model store, or one exported version
                                           (symbol, params, manifest.json) such as
-                                          KServe's /mnt/models (service.model_dir)
+                                          KServe's /mnt/models (store.single)
     --http_port   DIGITSERVE_HTTP_PORT, then PORT (Knative sets it), else 8080
     --workers     DIGITSERVE_WORKERS      gunicorn workers, each with the model loaded
 

@@ -150,7 +150,7 @@ def test_service_hpa_pdb_and_store(rendered):
     assert not mounts["model-store"].get("readOnly")  # the trainer publishes
     assert train["template"]["spec"]["restartPolicy"] == "Never"
     seed = one(docs, "Job", "digitserve-seed-store")["spec"]["template"]["spec"]
-    assert seed["containers"][0]["command"][:3] == ["python", "-m", "service.seed_store"]
+    assert seed["containers"][0]["command"][:3] == ["python", "-m", "store.seeding"]
 
 
 def test_one_namespace(rendered):
