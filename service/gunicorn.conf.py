@@ -17,10 +17,12 @@ import time
 
 from service.config import Config  # light: no MXNet, no Flask
 from service.gunicorn_ext import ACCESS_LOG_FORMAT, install_patches
+from service.worker import BufferedThreadWorker
+from service.worker import install as install_worker
 
 _cpus = os.cpu_count() or 1
 try:  # the app's settings, checked once here rather than failing in every worker
-    Config.from_env().check()
+    _app_config = Config.from_env().check()
 except ValueError as exc:
     raise SystemExit(f"digitserve: {exc}") from None
 
@@ -41,7 +43,9 @@ def _int(name: str, default: int, minimum: int) -> int:
 
 bind = os.environ.get("DIGITSERVE_BIND") or "127.0.0.1:8000"
 workers = _int("DIGITSERVE_WORKERS", min(_cpus, 4), minimum=1)
-worker_class = "gthread"
+# gthread, reading each request whole before a thread takes it (slow clients hold no
+# thread), and serving its listen queue when it stops: service/worker.py.
+worker_class = "service.worker.BufferedThreadWorker"
 threads = _int("DIGITSERVE_THREADS", 8, minimum=1)
 timeout = _int("DIGITSERVE_TIMEOUT", 60, minimum=0)  # 0: gunicorn's "never"
 graceful_timeout = _int("DIGITSERVE_GRACEFUL_TIMEOUT", 30, minimum=0)
@@ -68,6 +72,17 @@ limit_request_fields = 100
 
 
 install_patches()
+# A client that takes longer for its request head (HEADER_TIMEOUT), or pauses longer in its
+# body (BODY_TIMEOUT), is answered 408; IO_TIMEOUT bounds any read or write a request
+# thread does; BUFFER_MB bounds what a worker holds of requests still arriving.
+BufferedThreadWorker.configure(
+    header_timeout=_int("DIGITSERVE_HEADER_TIMEOUT", 10, minimum=1),
+    body_timeout=_int("DIGITSERVE_BODY_TIMEOUT", 10, minimum=1),
+    io_timeout=_int("DIGITSERVE_IO_TIMEOUT", 30, minimum=1),
+    max_body=_app_config.MAX_CONTENT_LENGTH,
+    buffer_bytes=_int("DIGITSERVE_BUFFER_MB", 64, minimum=1) * 1024 * 1024,
+)
+install_worker()
 # Workers share the cores: split MXNet's OpenMP threads between them.
 _omp = _int("DIGITSERVE_OMP_THREADS", max(1, _cpus // workers), minimum=1)
 # One thread per worker calls MXNet, so its threaded engine only adds hand-offs: the
