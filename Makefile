@@ -5,8 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-all lint train evaluate study notebook e2e kube-validate kube-e2e \
-	clean python-check
+.PHONY: run test test-all reliability lint train evaluate study notebook e2e kube-validate \
+	kube-e2e clean python-check
 
 python-check:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)' 2>/dev/null || { \
@@ -40,6 +40,13 @@ test: $(STAMP)-dev
 ## Everything, slow checks included.
 test-all: $(STAMP)-dev
 	$(PY) -m pytest -m ""
+
+## Load and fault tests (docs/reliability.md): about 10 min; QUICK=1 for CI's bounded run.
+## Needs wrk and nginx (apt-get install wrk nginx); run it alone on the machine.
+reliability: $(STAMP)-dev
+	DIGITSERVE_RELIABILITY=$(if $(QUICK),quick,full) \
+	DIGITSERVE_RELIABILITY_OUT=$(or $(OUT),$(if $(QUICK),,benchmarks/results/reliability.json)) \
+	$(PY) -m pytest -m reliability tests/reliability -p no:cacheprovider $(ARGS)
 
 lint: $(STAMP)-dev
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
