@@ -8,14 +8,18 @@
 #    docker-compose, curl, python3);
 # 2. makes a local bookworm + Python 3.11 base image (scripts/make-base-image.sh;
 #    its debootstrap rootfs is cached in $DIGITSERVE_E2E_CACHE between runs);
-# 3. builds the serving and training images with --build-arg BASE_IMAGE=...;
+# 3. builds the serving, training and proxy (nginx) images with --build-arg BASE_IMAGE=...;
 # 4. `docker-compose up -d`, waits for the healthcheck (run by hand: podman
-#    schedules healthchecks through systemd, absent here), posts real MNIST test
-#    digits as PNGs to /predict on 127.0.0.1 and checks the answers;
+#    schedules healthchecks through systemd, absent here), checks that web runs with a
+#    read-only root and a read-only store (and the proxy with a read-only root), posts
+#    real MNIST test digits as PNGs to /predict through the proxy on 127.0.0.1 and
+#    checks the answers, and the proxy's own errors (413) and the API's (404) as JSON;
 # 5. `docker-compose --profile train run --rm trainer` retrains on a small subset:
 #    once under an unreachable --min-accuracy (nothing may be published), then for
 #    real, publishing the next version into the store volume; checks that `web`
-#    serves it without a restart (hot swap), then that it stops cleanly on SIGTERM;
+#    serves it without a restart (hot swap); then `docker-compose stop web` under load
+#    (scripts/drain_probe.py on web's own port, published for the test only): every
+#    request web received is answered, web exits 0, and the proxy answers a JSON 502;
 # 6. brings everything down and deletes everything it made (containers, volumes,
 #    networks, images, podman's storage, the API service), failed or not.
 #    Only the base rootfs cache is kept.
@@ -55,6 +59,7 @@ MIN_ACCURACY=${DIGITSERVE_E2E_MIN_ACCURACY:-0.9}
 BASE_TAG=localhost/digitserve-e2e-base:bookworm
 SERVE_TAG=localhost/digitserve:e2e
 TRAIN_TAG=localhost/digitserve-train:e2e
+PROXY_TAG=localhost/digitserve-proxy:e2e
 STARTED=$SECONDS
 
 log() { printf '[e2e %4ds] %s\n' "$((SECONDS - STARTED))" "$*"; }
@@ -100,6 +105,7 @@ export COMPOSE_PROJECT_NAME=digitserve-e2e-$$
 export COMPOSE_FILE=$ROOT/docker-compose.yml
 export COMPOSE_HTTP_TIMEOUT=120
 export DIGITSERVE_IMAGE=$SERVE_TAG DIGITSERVE_TRAIN_IMAGE=$TRAIN_TAG BASE_IMAGE=$BASE_TAG
+export DIGITSERVE_PROXY_IMAGE=$PROXY_TAG PROXY_BASE_IMAGE=$BASE_TAG
 export DIGITSERVE_PUBLISH_ADDR=127.0.0.1
 
 cleanup() {
@@ -147,6 +153,7 @@ trap 'exec 1>&3 2>&4; log "interrupted (or the overall ${TOTAL_TIMEOUT}s bound w
     || die "model_store/mnist/1 (the shipped model) is missing: the serving image needs it"
 log "base image $BASE_TAG (rootfs cache: $CACHE), then the images"
 podman_images "$BASE_TAG" "$SERVE_TAG" "$TRAIN_TAG"
+podman_proxy_image "$BASE_TAG" "$PROXY_TAG"
 podman run --rm --network none --no-healthcheck --entrypoint sh "$SERVE_TAG" -c \
     'id -u | grep -qvx 0 && ! python -c "import tqdm" 2>/dev/null && ! test -e training' \
     || die "the serving image runs as root or holds training code/dependencies"
@@ -161,9 +168,21 @@ for _ in $(seq 60); do
 done
 curl -sf -m 2 --unix-socket "$SOCK" http://d/_ping >/dev/null || die "podman API did not start"
 
-PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+PORT=$(free_port)
 export DIGITSERVE_PUBLISH_PORT=$PORT
-URL=http://127.0.0.1:$PORT
+URL=http://127.0.0.1:$PORT        # the proxy: the deployment's front door
+# web's own port, published for this test only (compose publishes just the proxy): the
+# drain check must see what gunicorn itself does with each request.
+WEB_PORT=$(free_port)
+WEB_URL=http://127.0.0.1:$WEB_PORT
+cat > "$WORK/compose.e2e.yml" <<EOF
+services:
+  web:
+    ports:
+      - "127.0.0.1:$WEB_PORT:8000"
+EOF
+export COMPOSE_FILE=$ROOT/docker-compose.yml:$WORK/compose.e2e.yml
 if [[ ! -f $MNIST/train-images-idx3-ubyte.gz && ! -f $MNIST/train-images-idx3-ubyte ]]; then
     log "no MNIST in $MNIST: retraining on the committed sample (set DIGITSERVE_E2E_MNIST)"
     MNIST=$ROOT/tests/data/mnist-sample
@@ -193,7 +212,10 @@ wait_healthy() {  # podman runs no healthchecks by itself here: run them by hand
     die "web not healthy after $1 s"
 }
 wait_healthy 180
-log "web is healthy: $(curl -sf -m 5 "$URL/ready")"
+PROXY_ID=$(bounded 30 docker-compose ps -q proxy)
+[[ -n $PROXY_ID ]] || die "no proxy container"
+for _ in $(seq 60); do curl -sf -m 5 "$URL/ready" >/dev/null 2>&1 && break; sleep 0.5; done
+log "web is healthy, through the proxy: $(curl -sf -m 5 "$URL/ready")"
 curl -sf -m 5 "$URL/health" >/dev/null || die "/health failed"
 started_at=$(podman inspect --format '{{.State.StartedAt}} restarts={{.RestartCount}}' "$WEB_ID")
 
@@ -204,6 +226,32 @@ metadata_version() {
     bounded 10 curl -sf -m 5 "$URL/metadata" -o "$WORK/responses/metadata.json" || return 1
     json "$WORK/responses/metadata.json" 'd["version"]'
 }
+
+# Read-only: web's root and its store mount, the proxy's root.
+for id in "$WEB_ID" "$PROXY_ID"; do
+    [[ $(podman inspect --format '{{.HostConfig.ReadonlyRootfs}}' "$id") == true ]] \
+        || die "$(podman inspect --format '{{.Name}}' "$id") does not run with a read-only root"
+done
+store_rw=$(podman inspect --format \
+    '{{range .Mounts}}{{if eq .Destination "/app/model_store"}}{{.RW}}{{end}}{{end}}' "$WEB_ID")
+[[ $store_rw == false ]] || die "web's model store is mounted read-write ($store_rw)"
+for path in /app/probe /app/model_store/probe /opt/venv/probe; do
+    ! bounded 30 podman exec "$WEB_ID" sh -c "touch $path" 2>/dev/null \
+        || die "web could write $path"
+done
+log "web: read-only root and store (writing to /app, the store or the venv is refused)"
+
+# The proxy's own error and the API's, both in the API's JSON shape.
+head -c 11000000 /dev/zero > "$WORK/big.bin"
+status=$(bounded 30 curl -s -m 20 -o "$WORK/responses/413.json" -D "$WORK/responses/413.head" \
+    -w '%{http_code}' -H 'Content-Type: image/png' --data-binary "@$WORK/big.bin" "$URL/predict")
+[[ $status == 413 && $(json "$WORK/responses/413.json" 'd["error"]["code"]') == payload_too_large ]] \
+    && grep -qi '^server: nginx' "$WORK/responses/413.head" \
+    || die "an 11 MB body through the proxy: $status $(cat "$WORK/responses/413.json")"
+status=$(bounded 30 curl -s -m 10 -o "$WORK/responses/404.json" -w '%{http_code}' "$URL/models/other")
+[[ $status == 404 && $(json "$WORK/responses/404.json" 'd["error"]["code"]') == model_not_found ]] \
+    || die "GET /models/other through the proxy: $status $(cat "$WORK/responses/404.json")"
+log "proxy: its own 413 and the API's 404, both as the API's JSON errors"
 
 # Real digits: PNGs cut from the MNIST test set inside the serving image (Pillow
 # and numpy are there), spread over the whole set.
@@ -285,14 +333,36 @@ post_digits "$want" 0.8  # 16 of 20; the trainer held it to its floor on the who
 [[ $(bounded 30 docker-compose ps -q web) == "$WEB_ID" ]] || die "web was recreated"
 wait_healthy 30
 
-# ---- graceful stop -------------------------------------------------------------------
+# ---- graceful stop under load ----------------------------------------------------------
+# 16 clients posting digits to web's own port, new connections each, until web is gone.
+bounded 120 python3 "$ROOT/scripts/drain_probe.py" --url "$WEB_URL" --png-dir "$WORK/digits" \
+    --concurrency 16 --seconds 90 --until-refused > "$WORK/logs/drain.json" 2>&1 &
+PROBE_PID=$!
+sleep 3
 t0=$SECONDS
 bounded 90 docker-compose stop -t 45 web > "$WORK/logs/stop.log" 2>&1 || die "docker-compose stop failed"
+stop_s=$((SECONDS - t0))
+wait "$PROBE_PID" || die "the drain probe failed: $(cat "$WORK/logs/drain.json")"
 exit_code=$(podman inspect --format '{{.State.ExitCode}}' "$WEB_ID")
 podman logs "$WEB_ID" 2>&1 | grep -q 'Shutting down: Master' \
     || die "gunicorn did not shut down gracefully (exit $exit_code)"
 ((exit_code == 0)) || die "web exited with $exit_code on SIGTERM"
-log "web stopped gracefully on SIGTERM in $((SECONDS - t0)) s"
+drain=$WORK/logs/drain.json
+[[ $(json "$drain" 'd.get("lost", 0)') == 0 ]] \
+    || die "docker stop of web lost requests it had received: $(cat "$drain")"
+[[ $(json "$drain" 'sorted(set(d) - {"HTTP 200", "not received"})') == "[]" ]] \
+    || die "docker stop of web: unexpected answers $(cat "$drain")"
+(($(json "$drain" 'd.get("HTTP 200", 0)') > 0)) || die "the drain probe got no answer: $(cat "$drain")"
+log "web stopped gracefully under load in $stop_s s: $(cat "$drain") (received but unanswered: 0)"
+digit=$(find "$WORK/digits" -name '*.png' | sort | head -n1)
+status=$(bounded 30 curl -s -m 20 -o "$WORK/responses/502.json" -w '%{http_code}' \
+    -F "image=@$digit;type=image/png" "$URL/predict")
+# 502 if web's address refuses, 504 if it no longer answers at all (a stopped container's
+# address on podman's network: nginx's connect times out).
+code=$(json "$WORK/responses/502.json" 'd["error"]["code"]')
+[[ ($status == 502 && $code == bad_gateway) || ($status == 504 && $code == gateway_timeout) ]] \
+    || die "the proxy with web stopped: $status $(cat "$WORK/responses/502.json")"
+log "proxy with web stopped: a JSON $status $code"
 
 bounded 120 docker-compose --profile train down -v -t 10 > "$WORK/logs/down.log" 2>&1 \
     || { cat "$WORK/logs/down.log"; die "docker-compose down failed"; }

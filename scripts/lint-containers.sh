@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Lint the container files: the Dockerfile with hadolint, docker-compose.yml with
-# `docker-compose config` (both offline, no container engine needed).
+# Lint the container files: the Dockerfiles with hadolint, docker-compose.yml with
+# `docker-compose config`, deploy/nginx/nginx.conf with `nginx -t` where nginx is
+# installed (all offline, no container engine needed).
 #
 #   scripts/lint-containers.sh
 #
@@ -30,8 +31,21 @@ if ! command -v docker-compose >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive NEEDRESTART_SUSPEND=1 timeout 600 apt-get install -y -qq docker-compose >/dev/null
 fi
 
-echo "[lint] $("$hadolint" --version) Dockerfile"
-timeout 60 "$hadolint" --failure-threshold info Dockerfile
+echo "[lint] $("$hadolint" --version) Dockerfile deploy/nginx/Dockerfile"
+timeout 60 "$hadolint" --failure-threshold info Dockerfile deploy/nginx/Dockerfile
+
+if [[ -x /usr/sbin/nginx ]]; then
+    # As the image checks it: the upstream name as an address, files in a temp folder.
+    tmp=$(mktemp -d)
+    sed 's/server web:8000;/server 127.0.0.1:8000;/' deploy/nginx/upstream.conf > "$tmp/upstream.conf"
+    sed -e "s# /tmp/# $tmp/#" -e "s#/etc/nginx/digitserve/upstream.conf#$tmp/upstream.conf#" \
+        -e "s#access_log /dev/stdout#access_log $tmp/access.log#" \
+        deploy/nginx/nginx.conf > "$tmp/nginx.conf"
+    echo "[lint] $(/usr/sbin/nginx -v 2>&1) -t deploy/nginx/nginx.conf"
+    timeout 30 /usr/sbin/nginx -t -q -c "$tmp/nginx.conf" -p "$tmp" -e stderr \
+        || { rm -rf "$tmp"; exit 1; }
+    rm -rf "$tmp"
+fi
 
 echo "[lint] $(docker-compose version --short 2>/dev/null || docker-compose --version) config"
 # Checked as written, and with the variables the e2e test and the docs set.

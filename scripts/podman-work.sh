@@ -11,6 +11,7 @@
 #                               the storage of $WORK, then $WORK itself
 #   podman_images BASE SERVE TRAIN  the local base image, then the serve and train
 #                               targets of the Dockerfile
+#   podman_proxy_image BASE PROXY   deploy/nginx's image (after podman_images)
 
 # podman_clean_stale PREFIX: a run killed outright (SIGKILL, a machine restart) could
 # not clean up; its folder holds gigabytes of storage, some of it still mounted.
@@ -94,6 +95,17 @@ podman_images() {
     grep '^\[make-base-image\]' "$WORK/logs/base.log" | sed 's/^/    /'
     _podman_build "$root" "$base" serve "$2"
     _podman_build "$root" "$base" train "$3"
+}
+
+# podman_proxy_image BASE_TAG PROXY_TAG: deploy/nginx's image, nginx in front of web.
+podman_proxy_image() {
+    local root t0=$SECONDS
+    root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+    bounded 1200 podman build --format docker --build-arg "BASE_IMAGE=$1" -t "$2" \
+        "$root/deploy/nginx" > "$WORK/logs/build-proxy.log" 2>&1 \
+        || { tail -n 40 "$WORK/logs/build-proxy.log"; die "building deploy/nginx failed"; }
+    log "built $2 (deploy/nginx) in $((SECONDS - t0)) s:" \
+        "$(podman image inspect --format '{{.Size}}' "$2" | awk '{printf "%.0f MB", $1/1e6}')"
 }
 
 _podman_build() {
