@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 import numpy as np
 from PIL import Image
 
-from tests.conftest import SAMPLE_DIR
+from tests.support import ROOT
 from training.data import load_split
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost")
@@ -39,7 +39,7 @@ def local_address(url: str) -> tuple[str, int]:
 
 def digit_pngs(count: int = 20) -> list[tuple[bytes, int]]:
     """Real MNIST test digits from the committed sample, as (PNG bytes, label)."""
-    test = load_split("test", SAMPLE_DIR, download=False)
+    test = load_split("test", ROOT / "tests" / "data" / "mnist-sample", download=False)
     out = []
     for image, label in zip(test.images[:count], test.labels[:count], strict=True):
         buf = io.BytesIO()

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, Server, copy_shipped_store
+from tests.support import ROOT, Server, copy_shipped_store
 
 from .clients import digit_pngs, predict_request
 from .harness import load_average

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.conftest import ROOT, free_port
+from tests.support import ROOT, free_port
 
 NGINX_DIR = ROOT / "deploy" / "nginx"
 WRK_LUA = ROOT / "benchmarks" / "mms" / "post_files.lua"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Server, copy_shipped_store
+from tests.support import Server, copy_shipped_store
 
 from .clients import Outcome, local_address, run_load, send
 from .conftest import scaled

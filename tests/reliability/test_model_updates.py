@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.store import ModelStore
-from tests.conftest import ROOT, Server
+from store import ModelStore
+from store.publishing import publish
+from tests.support import ROOT, Server
 
 from .clients import BackgroundLoad, Outcome, local_address, send
 
@@ -58,8 +59,6 @@ def perturbed_params(source: Path, target: Path, seed: int = 0) -> None:
     """The same network with every parameter moved by 20% noise: other probabilities."""
     import mxnet as mx
 
-    from service import model  # noqa: F401  (imports mxnet with its warnings silenced)
-
     params = mx.nd.load(str(source))
     rng = np.random.default_rng(seed)
     moved = {}
@@ -80,7 +79,7 @@ def publish_copy(store: Path, write_params: Callable[[Path], None]) -> int:
         write_params(folder / "mnist-0000.params")
         return {"symbol": "mnist-symbol.json", "params": "mnist-0000.params"}
 
-    return ModelStore(store).publish("mnist", write, manifest).version
+    return publish(ModelStore(store), "mnist", write, manifest).version
 
 
 class ReadyWatch:
@@ -204,7 +203,8 @@ def wrong_checksum(store: Path) -> int:
 KILLED_PUBLISH = """
 import json, shutil, sys, time
 from pathlib import Path
-from service.store import ModelStore
+from store import ModelStore
+from store.publishing import publish
 store, v1 = ModelStore(sys.argv[1]), Path(sys.argv[1]) / "mnist" / "1"
 manifest = json.loads((v1 / "manifest.json").read_text())
 for key in ("artifacts", "name", "version", "schema_version"):
@@ -219,7 +219,7 @@ def write(folder):
         time.sleep(120)
         f.write(data[len(data) // 2 :])
     return {"symbol": "mnist-symbol.json", "params": "mnist-0000.params"}
-store.publish("mnist", write, manifest)
+publish(store, "mnist", write, manifest)
 """
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Server, free_port
+from tests.support import Server, free_port
 
 from .clients import Outcome, local_address, predict_request, run_load, send
 from .harness import Nginx, nginx_binary, upstream_connections

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import Server
+from tests.support import Server
 
 from .clients import LoadResult, Stallers, local_address, run_load
 from .conftest import scaled

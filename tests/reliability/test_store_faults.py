@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from service.store import ModelStore, StoreError
-from tests.conftest import ROOT, SHIPPED_STORE, Server
+from store import ModelStore, StoreError
+from tests.support import ROOT, SHIPPED_STORE, Server
 
 from .clients import BackgroundLoad, LoadResult, local_address
 from .test_model_updates import ReadyWatch, publish_copy
