@@ -3,13 +3,14 @@
 of the first 20 s. The run is wrk in back-to-back windows, each its own latency figure,
 with the workers' RSS and CPU time read between them.
 
-A p99 on 2 shared cores moves with whatever else the machine runs (here: 62 to 137 ms
-from one 20 s window to the next while others' work came and went). So each window also
-records the CPU the server spent per request and the cores other processes used. The
-server's own cost per request must not grow by 20% (degradation: a leak, a growing
-structure, shows there whatever the neighbours do); the p99 bound is asserted when the
-first and last windows had the machine to themselves (others under 0.25 of a core, as on
-a CI machine), and otherwise recorded with the reason it was not asserted."""
+A p99 at saturation on 2 cores moves from one 20 s window to the next even with the
+machine to itself (58 to 85 ms here, other processes using 0.01 of a core by /proc/stat),
+and so does the server's CPU per request (1.35 to 1.69 ms): a single last window would
+fail a 20% bound by chance. A degradation (a leak, a growing structure) does not go
+away; noise does. So when the last window is over a bound, the soak goes on for up to
+two more windows, and the bound holds for the last 20 s of that longer soak. Each window
+also records the server's CPU per request (bounded the same way) and the cores other
+processes used."""
 
 from __future__ import annotations
 
@@ -30,8 +31,6 @@ from .harness import (
     wrk_binary,
 )
 
-QUIET = 0.25  # cores other processes may use in a window whose p99 is compared
-
 pytestmark = pytest.mark.reliability
 
 
@@ -50,7 +49,8 @@ def test_soak_at_concurrency_32(served, pngs, tmp_path: Path, figure):
     runs: list[WrkRun] = []
     cpu_per_request: list[float] = []  # server CPU ms per request, by window
     others: list[float] = []  # cores used by other processes, by window
-    for _ in range(windows):
+
+    def window_run() -> None:
         server0 = sum(process_cpu_seconds(p) for p in server_pids)
         busy0, own0, t0 = machine_busy_seconds(), own_cpu_seconds(), time.monotonic()
         run = run_wrk(served.url, bodies, seconds=window, connections=32)
@@ -59,6 +59,17 @@ def test_soak_at_concurrency_32(served, pngs, tmp_path: Path, figure):
         runs.append(run)
         cpu_per_request.append(1000 * server / run.requests)
         others.append(max(0.0, busy - server - own) / (time.monotonic() - t0))
+
+    def over() -> bool:
+        slower = runs[-1].latency_ms["p99"] > 1.2 * runs[0].latency_ms["p99"]
+        return slower or cpu_per_request[-1] > 1.2 * cpu_per_request[0]
+
+    for _ in range(windows):
+        window_run()
+    extra = 0
+    while over() and extra < 2:
+        window_run()
+        extra += 1
     rss_end = {pid: rss_kib(pid) for pid in workers}
     assert sorted(served.worker_pids()) == workers, "a worker was restarted during the soak"
 
@@ -66,11 +77,10 @@ def test_soak_at_concurrency_32(served, pngs, tmp_path: Path, figure):
     errors = {k: sum(r.errors[k] for r in runs) for k in runs[0].errors}
     growth = {pid: rss_end[pid] / rss_start[pid] - 1 for pid in workers}
     first, last = runs[0].latency_ms["p99"], runs[-1].latency_ms["p99"]
-    quiet = others[0] < QUIET and others[-1] < QUIET
     cost_growth = cpu_per_request[-1] / cpu_per_request[0] - 1
     figure(
         "soak",
-        f"{windows * window:g} s at concurrency 32: {total} requests "
+        f"{len(runs) * window:g} s at concurrency 32 ({extra} extra windows): {total} requests "
         f"({total / sum(r.seconds for r in runs):.0f}/s), errors {errors}; worker RSS "
         + ", ".join(
             f"{rss_start[p] / 1024:.0f} -> {rss_end[p] / 1024:.0f} MiB ({growth[p]:+.1%})"
@@ -82,8 +92,7 @@ def test_soak_at_concurrency_32(served, pngs, tmp_path: Path, figure):
         + " ms; server CPU per request "
         + ", ".join(f"{c:.2f}" for c in cpu_per_request)
         + f" ms ({cost_growth:+.1%}); cores used by other processes "
-        + ", ".join(f"{o:.2f}" for o in others)
-        + ("" if quiet else " (p99 bound not asserted: the machine was shared)"),
+        + ", ".join(f"{o:.2f}" for o in others),
         requests=total,
         errors=errors,
         rss_kib={"start": rss_start, "end": rss_end},
@@ -91,12 +100,11 @@ def test_soak_at_concurrency_32(served, pngs, tmp_path: Path, figure):
         rates=[r.rate for r in runs],
         cpu_ms_per_request=cpu_per_request,
         other_cores=others,
-        p99_asserted=quiet,
+        extra_windows=extra,
     )
     assert sum(errors.values()) == 0, errors
     assert max(growth.values()) < 0.10, growth
     assert cost_growth < 0.20, cpu_per_request
     # "Within 20%": the end is not more than 20% slower than the start (a faster end is a
     # start slowed by something else on the machine, not a degradation).
-    if quiet:
-        assert last <= 1.2 * first, (first, last)
+    assert last <= 1.2 * first, (first, last)
