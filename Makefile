@@ -41,12 +41,11 @@ test: $(STAMP)-dev
 test-all: $(STAMP)-dev
 	$(PY) -m pytest -m ""
 
-## Load and fault tests (docs/reliability.md): about 10 min; QUICK=1 for CI's bounded run.
+## Load and fault tests (docs/reliability.md): about 6 min; QUICK=1 for CI's bounded run.
 ## Needs wrk and nginx (apt-get install wrk nginx); run it alone on the machine.
 reliability: $(STAMP)-dev
-	DIGITSERVE_RELIABILITY=$(if $(QUICK),quick,full) \
-	DIGITSERVE_RELIABILITY_OUT=$(or $(OUT),$(if $(QUICK),,benchmarks/results/reliability.json)) \
-	$(PY) -m pytest -m reliability tests/reliability -p no:cacheprovider $(ARGS)
+	$(PY) -m benchmarks.reliability $(if $(QUICK),--quick,--output $(or $(OUT),benchmarks/results/reliability.json)) \
+	    $(if $(ARGS),-- $(ARGS))
 
 lint: $(STAMP)-dev
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

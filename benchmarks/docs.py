@@ -16,10 +16,14 @@ import re
 import sys
 from collections.abc import Callable, Iterator
 
-from benchmarks import compare_mms
+from benchmarks import compare_mms, reliability_fronts
 from benchmarks.results import REPO, load
 
-DOCS = (REPO / "docs" / "figures.md", REPO / "docs" / "performance.md")
+DOCS = (
+    REPO / "docs" / "figures.md",
+    REPO / "docs" / "performance.md",
+    REPO / "docs" / "reliability.md",
+)
 BLOCK = re.compile(r"(<!-- figures: (\S+)[^\n]*-->\n)(.*?)(<!-- /figures -->)", re.DOTALL)
 COMMANDS = {
     "model_figures": "python -m benchmarks.model_figures --output "
@@ -29,6 +33,9 @@ COMMANDS = {
     "compare_mms": "python -m benchmarks.compare_mms --out benchmarks/results",
     "startup_memory": "python -m benchmarks.startup_memory --output "
     "benchmarks/results/startup_memory.json",
+    "reliability": "python -m benchmarks.reliability --output benchmarks/results/reliability.json",
+    "reliability_fronts": "python -m benchmarks.reliability_fronts --output "
+    "benchmarks/results/reliability_fronts.json",
 }
 
 
@@ -181,12 +188,70 @@ def startup_memory() -> str:
     )
 
 
+# docs/reliability.md: the reliability tests' figures, each with the load average.
+RELIABILITY_ROWS = {
+    "stalled-mid-body-gunicorn": "slow clients, gunicorn alone (`make run`), mid-body",
+    "stalled-mid-head-gunicorn": "slow clients, gunicorn alone, mid-head",
+    "stalled-mid-body-nginx": "slow clients, behind nginx, mid-body",
+    "stalled-mid-head-nginx": "slow clients, behind nginx, mid-head",
+    "stalled-mid-body-closed-gunicorn": "stalled connections closed, gunicorn (3 s timeouts)",
+    "stalled-mid-head-closed-gunicorn": "the same, mid-head",
+    "stalled-mid-body-closed-nginx": "stalled connections closed, nginx (3 s timeouts)",
+    "stalled-mid-head-closed-nginx": "the same, mid-head",
+    "nginx-keepalive": "nginx keeps its connections to gunicorn alive",
+    "soak": "soak",
+    "sigkill-worker": "SIGKILL of a worker under load",
+    "sigterm-burst": "SIGTERM drain, a burst in the backlog",
+    "sigterm-steady": "SIGTERM drain under steady load",
+    "publish-under-load": "a new version published under load",
+    "broken-versions": "broken versions published under load",
+    "store-full": "the store on a full disk",
+    "store-read-only": "the store read-only",
+}
+_TMP = re.compile(r"/tmp/pytest-of-[^/]+/pytest-\d+/[^/ ]+/")
+
+
+def reliability() -> str:
+    rel = load("reliability")
+    if rel is None:
+        return missing("reliability")
+    figures = {f["name"]: f for f in rel["figures"]}
+    status = "passed" if rel["pytest_exit_status"] == 0 else "FAILED"
+    rows = [
+        f"From {source('reliability', rel)} ({status}; `make reliability`, "
+        f"{rel['meta']['nproc']} cores):",
+        "",
+        "| what | figure | load average |",
+        "|---|---|---|",
+    ]
+    for name, what in RELIABILITY_ROWS.items():
+        f = figures.get(name)
+        text = _TMP.sub(".../", f["text"]) if f else "not in this run"
+        rows.append(f"| {what} | {text} | {f['load_average'] if f else ''} |")
+    return "\n".join(rows)
+
+
+def _fronts(part: str) -> str:
+    fronts = load("reliability_fronts")
+    if fronts is None or part not in fronts:
+        return missing("reliability_fronts")
+    table = (
+        reliability_fronts.candidates_table
+        if part == "candidates"
+        else reliability_fronts.nginx_table
+    )(fronts)
+    return f"{table}\n\nFrom {source('reliability_fronts', fronts)}."
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
     "table": figures_table,
     "compare-mms": compare_mms_run,
     "compare-mms-verdict": compare_mms_verdict,
     "real-uploads": real_uploads,
     "startup-memory": startup_memory,
+    "reliability": reliability,
+    "reliability-candidates": lambda: _fronts("candidates"),
+    "reliability-nginx": lambda: _fronts("nginx"),
 }
 
 

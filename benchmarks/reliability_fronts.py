@@ -1,7 +1,8 @@
 """The figures behind docs/reliability.md's choices: slow-client mechanisms for gunicorn
 alone, side by side, and what nginx in front costs.
 
-    .venv/bin/python -m benchmarks.reliability_fronts                 # about 6 minutes
+    .venv/bin/python -m benchmarks.reliability_fronts \
+        --output benchmarks/results/reliability_fronts.json          # about 6 minutes
     .venv/bin/python -m benchmarks.reliability_fronts --only nginx --rounds 1
 
 candidates: each gunicorn set-up (2 workers, the shipped model) is started alone and
@@ -12,23 +13,22 @@ one), and its throughput without them (wrk, 32 connections, 1 digit PNG a reques
 nginx: wrk against gunicorn directly and through deploy/nginx/nginx.conf (Debian's
 nginx, 127.0.0.1), at 1 and 32 connections, in --rounds whose order flips.
 
-Writes reliability_fronts.json and .md to --out; prints the Markdown tables.
+Prints the Markdown tables; --output writes the JSON (with the run's command, commit,
+date and load) that docs/reliability.md's tables are rendered from (benchmarks/docs.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.results import run_meta, write
 from tests.reliability.clients import Stallers, digit_pngs, local_address, predict_request, run_load
 from tests.reliability.harness import Nginx, load_average, run_wrk, write_bodies
-from tests.support import ROOT, Server, copy_shipped_store
+from tests.support import Server, copy_shipped_store
 
 CANDIDATES: dict[str, str] = {
     "gthread, 8 threads (before)": "-k gthread",
@@ -43,7 +43,11 @@ def start(store: Path, logs: Path, gunicorn_args: str = "") -> Server:
     if gunicorn_args:
         env["GUNICORN_CMD_ARGS"] = gunicorn_args
     server = Server(env, workers=2)
-    server.wait_ready()
+    try:
+        server.wait_ready()
+    except BaseException:
+        server.stop()  # a set-up that cannot start leaves nothing running
+        raise
     return server
 
 
@@ -85,8 +89,12 @@ def candidates(work: Path, bodies: Path, payloads: list[bytes]) -> list[dict[str
 def nginx_cost(work: Path, bodies: Path, rounds: int, seconds: float) -> list[dict[str, Any]]:
     store = copy_shipped_store(work / "store-nginx")
     server = start(store, work)
-    proxy = Nginx(work / "nginx", server.port)
     rows = []
+    try:
+        proxy = Nginx(work / "nginx", server.port)
+    except BaseException:
+        server.stop()
+        raise
     try:
         run_wrk(server.url, bodies, seconds=3, connections=32)  # warm-up
         for r in range(rounds):
@@ -114,68 +122,54 @@ def nginx_cost(work: Path, bodies: Path, rounds: int, seconds: float) -> list[di
     return rows
 
 
-def markdown(result: dict[str, Any]) -> str:
-    out = []
-    if result.get("candidates"):
-        out += [
-            "| gunicorn alone | valid requests within 2 s, 64 stalled | requests | "
-            "stalled closed & reopened | wrk req/s (c=32) | wrk p99 ms | load average |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for c in result["candidates"]:
-            out.append(
-                f"| {c['candidate']} | {c['within_2s']:.1%} | {c['valid_requests']} | "
-                f"{c['stalled_reopened']} | {c['wrk_rps']:.0f} | {c['wrk_p99_ms']:.1f} | "
-                f"{c['load_average']} |"
-            )
-        out.append("")
-    if result.get("nginx"):
-        out += [
-            "| connections | gunicorn req/s | via nginx req/s | cost | gunicorn p50/p99 ms | "
-            "via nginx p50/p99 ms |",
-            "|---|---|---|---|---|---|",
-        ]
-        for connections in (1, 32):
+def candidates_table(result: dict[str, Any]) -> str:
+    rows = [
+        "| gunicorn alone (2 workers) | valid requests within 2 s, 64 stalled | valid requests "
+        "sent | stalled connections closed (and reopened) | wrk requests/s, c=32, no stalls | "
+        "wrk p99 ms | load average |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in result.get("candidates", []):
+        rows.append(
+            f"| {c['candidate']} | {c['within_2s']:.1%} | {c['valid_requests']} | "
+            f"{c['stalled_reopened']} | {c['wrk_rps']:.0f} | {c['wrk_p99_ms']:.1f} | "
+            f"{c['load_average']} |"
+        )
+    return "\n".join(rows)
 
-            def pick(front: str, c: int = connections) -> list[dict[str, Any]]:
-                return [x for x in result["nginx"] if x["front"] == front and x["connections"] == c]
 
-            direct, proxied = pick("gunicorn"), pick("nginx")
-            if not direct or not proxied:
-                continue
-            d_rps = sum(x["rps"] for x in direct) / len(direct)
-            p_rps = sum(x["rps"] for x in proxied) / len(proxied)
+def nginx_table(result: dict[str, Any]) -> str:
+    rows = [
+        "| round | connections | gunicorn req/s | via nginx req/s | cost | gunicorn p50 / p99 "
+        "ms | via nginx p50 / p99 ms | load average |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    points = {(x["round"], x["connections"], x["front"]): x for x in result.get("nginx", [])}
+    for r, connections, front in sorted(points):
+        if front != "gunicorn" or (r, connections, "nginx") not in points:
+            continue
+        d, n = points[(r, connections, "gunicorn")], points[(r, connections, "nginx")]
 
-            def lat(rows: list[dict[str, Any]]) -> str:
-                p50 = sum(x["latency_ms"]["p50"] for x in rows) / len(rows)
-                p99 = sum(x["latency_ms"]["p99"] for x in rows) / len(rows)
-                return f"{p50:.1f} / {p99:.1f}"
+        def lat(x: dict[str, Any]) -> str:
+            return f"{x['latency_ms']['p50']:.1f} / {x['latency_ms']['p99']:.1f}"
 
-            out.append(
-                f"| {connections} | {d_rps:.0f} | {p_rps:.0f} | {p_rps / d_rps - 1:+.1%} | "
-                f"{lat(direct)} | {lat(proxied)} |"
-            )
-        out.append("")
-    return "\n".join(out)
+        rows.append(
+            f"| {r + 1} | {connections} | {d['rps']:.0f} | {n['rps']:.0f} | "
+            f"{n['rps'] / d['rps'] - 1:+.1%} | {lat(d)} | {lat(n)} | {n['load_average']} |"
+        )
+    return "\n".join(rows)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--only", choices=("candidates", "nginx"))
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=float, default=10)
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--output", type=Path, help="write the results here (JSON)")
     args = p.parse_args()
     pngs = [png for png, _ in digit_pngs(20)]
     payloads = [predict_request(png) for png in pngs]
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
-    result: dict[str, Any] = {
-        "commit": commit,
-        "cpus": os.cpu_count(),
-        "started_load": load_average(),
-    }
+    result: dict[str, Any] = {"meta": run_meta("benchmarks.reliability_fronts")}
     with tempfile.TemporaryDirectory(prefix="digitserve-fronts-") as tmp:
         work = Path(tmp)
         bodies = write_bodies(work / "bodies", pngs)
@@ -183,16 +177,9 @@ def main() -> None:
             result["candidates"] = candidates(work, bodies, payloads)
         if args.only in (None, "nginx"):
             result["nginx"] = nginx_cost(work, bodies, args.rounds, args.seconds)
-    result["finished_load"] = load_average()
-    args.out.mkdir(parents=True, exist_ok=True)
-    suffix = "" if args.only is None else f"-{args.only}"
-    (args.out / f"reliability_fronts{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown(result)
-    (args.out / f"reliability_fronts{suffix}.md").write_text(
-        f"commit {commit}, load average {result['started_load']} -> {result['finished_load']}\n\n"
-        + table
-    )
-    print(table)
+    if args.output:
+        write(args.output, result)
+    print(candidates_table(result) + "\n\n" + nginx_table(result))
 
 
 if __name__ == "__main__":

@@ -1,28 +1,27 @@
 """The reliability tests: load and faults against real servers on 127.0.0.1.
 
-    make reliability                 # the full run (about 10 minutes); its figures:
+    make reliability                 # the full run (about 6 minutes) through
+                                     # benchmarks/reliability.py: its figures go to
                                      # benchmarks/results/reliability.json
     make reliability QUICK=1         # the bounded run CI does (shorter soak, fewer rounds)
 
 Every module here sets ``pytestmark = pytest.mark.reliability`` (kept out of the default
 ``make test``), and every test records its figures with ``figure(...)``; the run prints
-them at the end and, with DIGITSERVE_RELIABILITY_OUT set, writes them as JSON with the
-commit and the load average. Load tests: run them alone on the machine.
+them at the end and, with DIGITSERVE_RELIABILITY_OUT set, writes them there as JSON.
+Load tests: run them alone on the machine.
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support import ROOT, Server, copy_shipped_store
+from tests.support import Server, copy_shipped_store
 
 from .clients import digit_pngs, predict_request
 from .harness import load_average
@@ -64,30 +63,8 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
             f"{entry['name']}: {entry['text']} [load {entry['load_average']}]"
         )
     out = os.environ.get("DIGITSERVE_RELIABILITY_OUT")
-    if out:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        Path(out).write_text(
-            json.dumps(
-                {
-                    "commit": commit + ("-dirty" if dirty else ""),
-                    "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                    "cpus": os.cpu_count(),
-                    "quick": QUICK,
-                    "figures": _FIGURES,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
-        terminalreporter.write_line(f"figures written to {out}")
+    if out:  # benchmarks/reliability.py adds the run's command, commit, date and load
+        Path(out).write_text(json.dumps({"cpus": os.cpu_count(), "figures": _FIGURES}, indent=2))
 
 
 @pytest.fixture(scope="session")
