@@ -159,8 +159,11 @@ in_pod() {
     nsenter -t "$pid" -n -- "${@:2}"
 }
 status_of() {  # status_of CONTAINER PATH: the HTTP status on the pod's 127.0.0.1:8080
-    in_pod "$1" curl -s --noproxy '*' -m 10 -o "$WORK/answer.json" -w '%{http_code}' \
-        "http://127.0.0.1:8080$2" 2>/dev/null || echo 000
+    # curl writes 000 itself when nothing answers: appending another made "000000".
+    local code
+    code=$(in_pod "$1" curl -s --noproxy '*' -m 10 -o "$WORK/answer.json" -w '%{http_code}' \
+        "http://127.0.0.1:8080$2" 2>/dev/null) || true
+    echo "${code:-000}"
 }
 worker_versions() {  # the version each gunicorn worker of the pod serves, one a line
     in_pod "$1" curl -sf --noproxy '*' -m 10 http://127.0.0.1:8080/metrics 2>/dev/null \
