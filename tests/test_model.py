@@ -109,6 +109,24 @@ def test_export_round_trip_through_the_store(tiny_store, sample_test):
     np.testing.assert_allclose(loaded.logits(x[5:6]), loaded.logits(x)[5:6], atol=1e-5)
 
 
+def test_every_batch_size_answers_as_the_unbatched_export(shipped_store, sample_test):
+    """The served forward (batch buckets, padded; fused with oneDNN) gives each image what
+    the plain exported graph gives it, at every batch size up to past the largest bucket."""
+    mv = shipped_store.resolve("mnist")
+    loaded = loading.load(mv)
+    norm = mv.manifest["normalization"]
+    x = to_input(sample_test.images[:80], norm["mean"], norm["std"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        plain = gluon.SymbolBlock.imports(str(mv.symbol_file), ["data"], str(mv.params_file))
+    reference = plain(mx.nd.array(x)).asnumpy()
+    singles = np.concatenate([loaded.predict(x[i : i + 1]) for i in range(len(x))])
+    for n in [*range(1, 34), 47, 64, 80]:
+        np.testing.assert_allclose(loaded.logits(x[:n]), reference[:n], atol=1e-4)
+        np.testing.assert_allclose(loaded.predict(x[:n]), singles[:n], atol=1e-5, rtol=0)
+    assert (loaded.logits(x).argmax(1) == reference.argmax(1)).all()
+
+
 def test_trained_net_equals_its_export(sample_train, sample_test, tmp_path):
     from training.train import export_and_check
 
