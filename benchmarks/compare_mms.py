@@ -8,12 +8,13 @@ Sets up multi-model-server 1.1.11 and model-archiver (with mxnet 1.9.1) in their
 under --workdir, archives the newest model_store/mnist/<N>/ with the minimal MMS handler
 benchmarks/mms/handler.py, then drives each server on 127.0.0.1 with wrk and
 benchmarks/mms/post_files.lua: 200 MNIST test digits as raw image/png bodies, one image a
-request, at each --concurrency, in --rounds whose server order flips. Only one server runs
-at a time: each is started for its turn and stopped after it (--warmup also covers a second
-worker still loading). Then digitserve alone: 8 images per request (multipart) at
+request, at each --concurrency, in --rounds whose server order flips. Both servers stay up
+and take turns point by point, the idle one using no CPU, so that the two figures of each
+ratio are taken seconds apart on a machine whose speed drifts; each first gets --settle
+seconds of load, for MMS's JIT. Then digitserve alone: 8 images per request (multipart) at
 concurrency 32, and a 280x280 canvas PNG and a ~1 MP phone JPEG at concurrency 1 with the
-server's own latency_ms. Writes compare_mms.json/.md/.png to --out and prints the Markdown
-table. Needs java (OpenJDK 17 works) and wrk (installed with apt-get if missing).
+server's own latency_ms. Writes compare_mms.json, .md and .png to --out and prints the
+Markdown table. Needs java (OpenJDK 17 works) and wrk (installed with apt-get if missing).
 
 One script on purpose (about 450 lines): a user re-running the comparison reads one file.
 """
@@ -351,6 +352,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=int, default=10, help="measured seconds per point")
     p.add_argument("--warmup", type=int, default=3, help="unmeasured seconds before each point")
+    p.add_argument("--settle", type=int, default=60, help="unmeasured seconds of load first")
     p.add_argument("--concurrency", default="1,8,32,128")
     p.add_argument("--only", choices=SERVERS)
     p.add_argument("--workdir", type=Path, default=REPO / ".bench")
@@ -391,20 +393,30 @@ def main() -> None:
             wrk(server.predict_url, bodies[key], c, args.warmup)
         return wrk(server.predict_url, bodies[key], c, args.seconds, server_ms)
 
-    rounds: list[dict[str, Any]] = []
-    for n in range(args.rounds):
-        order = names if n % 2 == 0 else names[::-1]
-        print(f"round {n + 1}/{args.rounds}: {' then '.join(order)}", flush=True)
-        result: dict[str, Any] = {"order": order}
-        for name in order:
-            with serving(make[name](), work / f"{name}.log") as server:
-                acc = result[f"{name}_sanity_accuracy"] = sanity(server, pngs, labels)
-                print(f"    sanity: {acc:.0%} of {len(labels)} digits right, one at a time")
-                result[name] = {}
-                for c in concurrency:
-                    result[name][str(c)] = r = point(server, "digits", c)
-                    print(f"    c={c:<4} {cell(r)}", flush=True)
-        rounds.append(result)
+    rounds: list[dict[str, Any]] = [{"order": []} for _ in range(args.rounds)]
+    # Both servers stay up, each idle while the other is measured, and they take turns
+    # point by point: on this shared machine the speed drifts within a minute, so the two
+    # figures of a ratio are taken seconds apart, in an order that flips every round.
+    with contextlib.ExitStack() as stack:
+        servers = {
+            name: stack.enter_context(serving(make[name](), work / f"{name}.log")) for name in names
+        }
+        for name, server in servers.items():
+            acc = rounds[0][f"{name}_sanity_accuracy"] = sanity(server, pngs, labels)
+            print(f"  {name} sanity: {acc:.0%} of {len(labels)} digits right, one at a time")
+            # MMS's Java front end runs at a quarter of its speed until the JIT has compiled
+            # it: c=32 went 183 -> 874 req/s over 40 s of load. Both are measured warm.
+            if args.settle:
+                print(f"  {name}: {args.settle} s of load at c=32 to warm it up", flush=True)
+                wrk(server.predict_url, bodies["digits"], 32, args.settle)
+        for n, result in enumerate(rounds):
+            order = names if n % 2 == 0 else names[::-1]
+            result["order"] = order
+            print(f"round {n + 1}/{args.rounds}: {' then '.join(order)}", flush=True)
+            for c in concurrency:
+                for name in order:
+                    result.setdefault(name, {})[str(c)] = r = point(servers[name], "digits", c)
+                    print(f"    {name:<10} c={c:<4} {cell(r)}", flush=True)
     alone: dict[str, Any] = {}
     if "digitserve" in names:
         print("digitserve alone: 8 images a request at c=32; canvas and photo at c=1", flush=True)
