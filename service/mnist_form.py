@@ -67,10 +67,11 @@ def to_mnist(image: Image.Image) -> np.ndarray:
 
     An image with no ink returns all zeros.
     """
-    ink = _mnist_form(image)
-    if ink is None:
-        gray = _grayscale(image)
-        ink = _ink(gray) if gray.size else None
+    digit = _mnist_digit(image)
+    if digit is not None:
+        return digit
+    gray = _grayscale(image)
+    ink = _ink(gray) if gray.size else None
     if ink is None:
         return np.zeros((MNIST_SIZE, MNIST_SIZE), np.float32)
     return _frame(ink)
@@ -80,16 +81,51 @@ def _mnist_form(image: Image.Image) -> np.ndarray | None:
     """The ink of an 8-bit 28x28 digit already in MNIST form (black border, saturated
     strokes): exactly what ``_grayscale`` and ``_ink`` return for it, at a fraction of
     their cost; None for any other image."""
+    found = _mnist_ink(image)
+    return None if found is None else found[0]
+
+
+def _mnist_ink(image: Image.Image) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """``_mnist_form``'s ink with its row and column maxima (0 where a line is empty)."""
     if image.mode != "L" or image.size != (MNIST_SIZE, MNIST_SIZE) or "transparency" in image.info:
         return None
-    pixels = np.asarray(image)
-    if pixels[0].any() or pixels[-1].any() or pixels[:, 0].any() or pixels[:, -1].any():
+    pixels = np.frombuffer(image.tobytes(), np.uint8).reshape(MNIST_SIZE, MNIST_SIZE)
+    rows, cols = pixels.max(axis=1), pixels.max(axis=0)
+    if rows[0] or rows[-1] or cols[0] or cols[-1]:
         return None  # _ink's one-pixel ring is not all paper: its steps are not the identity
     # _ink_level is the k-th brightest stroke pixel, k <= 1 + drawn // 100, and Otsu's
     # threshold is below 63/64 of the maximum: this many pixels >= 252/255 keep it >= 0.98.
     if np.count_nonzero(pixels >= _SATURATED_U8) < 1 + np.count_nonzero(pixels) // 100:
         return None
-    return np.asarray(pixels, np.float32) / 255
+    return pixels.astype(np.float32) / 255, rows, cols
+
+
+def _mnist_digit(image: Image.Image) -> np.ndarray | None:
+    """``_frame(_mnist_form(image))`` bit for bit (None where that is None), in a third of
+    the numpy calls: the request path for digits already in MNIST form."""
+    found = _mnist_ink(image)
+    if found is None:
+        return None
+    ink, rows, cols = found
+    on_rows, on_cols = np.flatnonzero(rows), np.flatnonzero(cols)
+    top, bottom, left, right = int(on_rows[0]), int(on_rows[-1]), int(on_cols[0]), int(on_cols[-1])
+    if not DIGIT_BOX - 1 <= max(bottom - top, right - left) + 1 <= DIGIT_BOX:
+        return _frame(ink)
+    # _frame's steps for a digit at MNIST scale in a 28x28 field (kept, not resampled).
+    patch = ink[top : bottom + 1, left : right + 1]
+    height, width = patch.shape
+    mass = float(patch.sum())
+    y = _CENTRE - float(patch.sum(axis=1) @ np.arange(height)) / mass
+    x = _CENTRE - float(patch.sum(axis=0) @ np.arange(width)) / mass
+    y = top if abs(y - top) <= _CENTRE_TOLERANCE else round(y)
+    x = left if abs(x - left) <= _CENTRE_TOLERANCE else round(x)
+    y = min(max(y, 0), MNIST_SIZE - height)
+    x = min(max(x, 0), MNIST_SIZE - width)
+    if (y, x) == (top, left):
+        return ink  # already in place: nothing else is inked
+    out = np.zeros((MNIST_SIZE, MNIST_SIZE), np.float32)
+    out[y : y + height, x : x + width] = patch
+    return out
 
 
 def _percentiles(values: np.ndarray, q: tuple[float, ...]) -> np.ndarray:

@@ -126,6 +126,9 @@ def test_the_mnist_form_fast_path_is_the_general_path_bit_for_bit(full_test):
         if fast is not None:
             taken += 1
             np.testing.assert_array_equal(fast, general_path(image))
+            np.testing.assert_array_equal(mnist_form._mnist_digit(image), mnist_form._frame(fast))
+        else:
+            assert mnist_form._mnist_digit(image) is None
     assert taken >= 0.98 * len(full_test.images)  # measured: 98.7% of all 70k digits
 
 
@@ -148,6 +151,7 @@ def test_the_fast_path_equals_the_general_path_whenever_it_is_taken(digit):
     if fast is not None:
         np.testing.assert_array_equal(fast, general_path(image))
         np.testing.assert_array_equal(to_mnist(image), mnist_form._frame(fast))
+        np.testing.assert_array_equal(mnist_form._mnist_digit(image), mnist_form._frame(fast))
 
 
 @FUZZ
