@@ -4,14 +4,19 @@
   or headers over the limits, refused before Flask sees the request) in the API's
   JSON error shape, and the app's ``Connection: close`` honoured. It checks that
   what it replaces exists, so a gunicorn upgrade that moves it fails at start.
+- ``install_patches`` also sends a response's head and a small body in one ``sendall``
+  (gunicorn sends them apart: two system calls and two packets a response).
 - ``AccessLogger``: the access log line without gunicorn's per-request dict of every
-  header and environ entry (11% of a worker's GIL time at concurrency 16).
+  header and environ entry (11% of a worker's GIL time at concurrency 16), written
+  straight to its stream when it goes to a plain file or stdout: a ``logging`` record
+  took 20 us of the 23 a line cost.
 """
 
 from __future__ import annotations
 
 import http
 import json
+import logging
 from typing import Any
 
 import gunicorn.http.wsgi
@@ -20,6 +25,7 @@ from gunicorn.glogging import Logger
 
 # The line AccessLogger writes; any other access_log_format goes through gunicorn's own.
 ACCESS_LOG_FORMAT = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms'
+_ACCESS_LINE = '%s "%s %s %s" %s %s %sms'  # ACCESS_LOG_FORMAT's fields, in order
 
 
 def json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
@@ -43,6 +49,8 @@ def install_patches() -> None:
         (gunicorn.util, "write_nonblock"),
         (gunicorn.http.wsgi.Response, "process_headers"),
         (gunicorn.http.wsgi.Response, "force_close"),
+        (gunicorn.http.wsgi.Response, "default_headers"),
+        (gunicorn.http.wsgi.Response, "write"),
     ):
         if not callable(getattr(owner, name, None)):
             raise RuntimeError(
@@ -64,6 +72,35 @@ def install_patches() -> None:
 
     process_headers._digitserve = True  # type: ignore[attr-defined]
     gunicorn.http.wsgi.Response.process_headers = process_headers
+    gunicorn.http.wsgi.Response.write = _head_with_body(gunicorn.http.wsgi.Response.write)
+
+
+# Bodies up to this size go out in the head's sendall; a larger one goes after it as before.
+_COALESCE_MAX = 64 * 1024
+
+
+def _head_with_body(write: Any) -> Any:
+    """Response.write that sends the head and a first, whole, small body in one call."""
+
+    def write_with_head(self, arg) -> None:
+        if (
+            self.headers_sent
+            or self.chunked
+            or getattr(self, "_omits_body", False)
+            or not isinstance(arg, bytes)
+            or self.response_length != len(arg)
+            or len(arg) > _COALESCE_MAX
+        ):
+            write(self, arg)
+            return
+        head = self.default_headers()  # what send_headers sends, then the body
+        head.extend([f"{k}: {v}\r\n" for k, v in self.headers])
+        head.append("\r\n")
+        self.headers_sent = True
+        self.sent += len(arg)
+        gunicorn.util.write(self.sock, "".join(head).encode("latin-1") + arg)
+
+    return write_with_head
 
 
 class AccessLogger(Logger):
@@ -78,16 +115,47 @@ class AccessLogger(Logger):
         status = resp.status.split(None, 1)[0] if isinstance(resp.status, str) else resp.status
         sent = getattr(resp, "sent", None)
         millis = request_time.seconds * 1000 + request_time.microseconds // 1000
+        args = (
+            environ.get("REMOTE_ADDR", "-"),
+            environ["REQUEST_METHOD"],
+            environ["RAW_URI"],
+            environ["SERVER_PROTOCOL"],
+            status,
+            "-" if sent is None else sent,
+            millis,
+        )
         try:
-            self.access_log.info(
-                '%s "%s %s %s" %s %s %sms',
-                environ.get("REMOTE_ADDR", "-"),
-                environ["REQUEST_METHOD"],
-                environ["RAW_URI"],
-                environ["SERVER_PROTOCOL"],
-                status,
-                "-" if sent is None else sent,
-                millis,
-            )
+            streams = self._plain_streams()
+            if streams is None:
+                self.access_log.info(_ACCESS_LINE, *args)
+                return
+            line = _ACCESS_LINE % args + "\n"
+            for handler in streams:
+                handler.acquire()
+                try:
+                    handler.stream.write(line)
+                    handler.flush()
+                finally:
+                    handler.release()
         except Exception:
             self.exception("access log")
+
+    def _plain_streams(self) -> list[logging.StreamHandler] | None:
+        """The access log's handlers if each only writes the message to a stream (stdout,
+        a file: what --access-logfile sets up), so a line can skip the LogRecord; None
+        for anything else (syslog, filters, another format, a level that drops INFO)."""
+        log = self.access_log
+        if log.filters or not log.isEnabledFor(logging.INFO) or not log.handlers:
+            return None
+        for handler in log.handlers:
+            plain = (
+                type(handler) in (logging.StreamHandler, logging.FileHandler)
+                and not handler.filters
+                and handler.level <= logging.INFO
+                and handler.formatter is not None
+                and handler.formatter._fmt == "%(message)s"
+                and handler.stream is not None
+            )
+            if not plain:
+                return None
+        return log.handlers
