@@ -130,8 +130,7 @@ def register_metrics(app: Flask) -> None:
         rule = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
         status = str(response.status_code)
         method = request.method if request.method in metrics.METHODS else "other"
-        metrics.REQUESTS.labels(rule, method, status).inc()
-        metrics.LATENCY.labels(rule, status).observe(
-            time.perf_counter() - g.get("started", time.perf_counter())
-        )
+        count, latency = metrics.request_series(rule, method, status)
+        count.inc()
+        latency.observe(time.perf_counter() - g.get("started", time.perf_counter()))
         return response

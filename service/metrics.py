@@ -9,6 +9,8 @@ default in-process registry is used.
 from __future__ import annotations
 
 import os
+from functools import cache
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -64,6 +66,14 @@ MODEL_LOADS = Counter(
     "Model version loads by result",
     ["result"],
 )
+
+
+@cache
+def request_series(endpoint: str, method: str, status: str) -> tuple[Any, Any]:
+    """The REQUESTS and LATENCY children of one (endpoint, method, status): labels() checks
+    and locks on every call (11 us a request for both, 5 with the children kept). Bounded:
+    endpoints are the app's rules, methods METHODS, statuses HTTP's."""
+    return REQUESTS.labels(endpoint, method, status), LATENCY.labels(endpoint, status)
 
 
 def exposition() -> tuple[bytes, str]:
