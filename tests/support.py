@@ -113,6 +113,18 @@ def manifest_fields(manifest: dict) -> dict:
     return {k: v for k, v in manifest.items() if k not in filled}
 
 
+def stop_group(proc: subprocess.Popen, sig: signal.Signals, grace: float) -> None:
+    """Stop a process started with start_new_session=True and all it started: ``sig`` to
+    its process group, SIGKILL to the group after ``grace`` seconds."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, sig)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -219,11 +231,5 @@ class Server:
         return self.log.read().decode(errors="replace")[-8000:]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        stop_group(self.proc, signal.SIGTERM, grace=30)
         self.log.close()

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support import ROOT, free_port
+from tests.support import ROOT, free_port, stop_group
 
 NGINX_DIR = ROOT / "deploy" / "nginx"
 WRK_LUA = ROOT / "benchmarks" / "mms" / "post_files.lua"
@@ -126,13 +126,7 @@ class Nginx:
         return path.read_text().splitlines() if path.exists() else []
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGQUIT)  # graceful, as docker stop does
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        stop_group(self.proc, signal.SIGQUIT, grace=15)  # nginx's graceful stop, as docker's
         self.log.close()
 
 
