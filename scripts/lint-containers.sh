@@ -35,16 +35,19 @@ echo "[lint] $("$hadolint" --version) Dockerfile deploy/nginx/Dockerfile"
 timeout 60 "$hadolint" --failure-threshold info Dockerfile deploy/nginx/Dockerfile
 
 if [[ -x /usr/sbin/nginx ]]; then
-    # As the image checks it: the upstream name as an address, files in a temp folder.
-    tmp=$(mktemp -d)
-    sed 's/server web:8000;/server 127.0.0.1:8000;/' deploy/nginx/upstream.conf > "$tmp/upstream.conf"
-    sed -e "s# /tmp/# $tmp/#" -e "s#/etc/nginx/digitserve/upstream.conf#$tmp/upstream.conf#" \
-        -e "s#access_log /dev/stdout#access_log $tmp/access.log#" \
-        deploy/nginx/nginx.conf > "$tmp/nginx.conf"
-    echo "[lint] $(/usr/sbin/nginx -v 2>&1) -t deploy/nginx/nginx.conf"
-    timeout 30 /usr/sbin/nginx -t -q -c "$tmp/nginx.conf" -p "$tmp" -e stderr \
-        || { rm -rf "$tmp"; exit 1; }
-    rm -rf "$tmp"
+    # As the image checks it: the upstream name as an address, files in a temp folder;
+    # with compose's upstream and with the Kubernetes sidecar's.
+    for upstream in upstream.conf upstream-kubernetes.conf; do
+        tmp=$(mktemp -d)
+        sed 's/server web:8000;/server 127.0.0.1:8000;/' "deploy/nginx/$upstream" > "$tmp/upstream.conf"
+        sed -e "s# /tmp/# $tmp/#" -e "s#/etc/nginx/digitserve/upstream.conf#$tmp/upstream.conf#" \
+            -e "s#access_log /dev/stdout#access_log $tmp/access.log#" \
+            deploy/nginx/nginx.conf > "$tmp/nginx.conf"
+        echo "[lint] $(/usr/sbin/nginx -v 2>&1) -t deploy/nginx/nginx.conf with $upstream"
+        timeout 30 /usr/sbin/nginx -t -q -c "$tmp/nginx.conf" -p "$tmp" -e stderr \
+            || { rm -rf "$tmp"; exit 1; }
+        rm -rf "$tmp"
+    done
 fi
 
 echo "[lint] $(docker-compose version --short 2>/dev/null || docker-compose --version) config"
