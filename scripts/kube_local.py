@@ -51,9 +51,10 @@ def unpublished(spec: dict) -> dict:
     for container in spec.get("containers", []):
         named = {p["name"]: p["containerPort"] for p in container.pop("ports", []) if "name" in p}
         for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
-            action = (container.get(probe) or {}).get("httpGet") or {}
-            if action.get("port") in named:
-                action["port"] = named[action["port"]]
+            for kind in ("httpGet", "tcpSocket"):
+                action = (container.get(probe) or {}).get(kind) or {}
+                if action.get("port") in named:
+                    action["port"] = named[action["port"]]
     return spec
 
 
