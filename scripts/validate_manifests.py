@@ -13,7 +13,10 @@ For each of deploy/kubernetes/{base,overlays/kserve,overlays/local}:
    an unknown field or a wrong type fails, and building each model runs the SDK's
    required-field and enum checks; then what ties them together (the runtime's
    container name, protocol and model format, the storageUri's volume);
-4. ``checkov`` scans it, with the skips of deploy/kubernetes/checkov.yaml (each
+4. the web Deployment's nginx sidecar (issue 12): it is there, the Service's
+   targetPort is its port, it runs deploy/nginx/nginx.conf as it is (from a mounted
+   ConfigMap), and it is locked down like the server;
+5. ``checkov`` scans it, with the skips of deploy/kubernetes/checkov.yaml (each
    justified there).
 
 ``--self-test`` first breaks rendered manifests on purpose (a misspelled field, a
@@ -39,6 +42,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBE = ROOT / "deploy" / "kubernetes"
+NGINX_CONF = ROOT / "deploy" / "nginx" / "nginx.conf"
 OVERLAYS = {
     "base": KUBE / "base",
     "kserve": KUBE / "overlays" / "kserve",
@@ -215,7 +219,68 @@ def check_kserve_wiring(docs: list[dict]) -> list[str]:
     return errors
 
 
-# -- 4. checkov ----------------------------------------------------------------------
+# -- 4. the nginx sidecar ---------------------------------------------------------------
+WEB = "digitserve"  # the Deployment and Service of the base (KServe makes its own)
+SIDECAR = "proxy"
+
+
+def check_sidecar(docs: list[dict]) -> list[str]:
+    """The web pod has nginx in front of gunicorn: a container ``proxy`` whose port the
+    Service targets, reading deploy/nginx/nginx.conf (byte for byte) from a ConfigMap it
+    mounts, without privileges, root or a writable root filesystem."""
+    web = [d for d in docs if d.get("kind") == "Deployment" and d["metadata"]["name"] == WEB]
+    if not web:
+        return []
+    pod = web[0]["spec"]["template"]["spec"]
+    proxy = next((c for c in pod.get("containers", []) if c.get("name") == SIDECAR), None)
+    where = f"Deployment/{WEB}"
+    if proxy is None:
+        return [f"{where}: no nginx sidecar (a container named {SIDECAR})"]
+    errors = []
+    ports = {p.get("name"): p.get("containerPort") for p in proxy.get("ports", [])}
+    for service in (d for d in docs if d.get("kind") == "Service"):
+        if service["metadata"]["name"] != WEB:
+            continue
+        for port in service.get("spec", {}).get("ports", []):
+            if port.get("targetPort") not in {*ports, *ports.values()}:
+                errors.append(
+                    f"Service/{WEB}: targetPort {port.get('targetPort')!r} is not nginx's "
+                    f"(the {SIDECAR} container's ports: {ports})"
+                )
+    config_maps = {d["metadata"]["name"]: d for d in docs if d.get("kind") == "ConfigMap"}
+    volumes = {v.get("name"): v for v in pod.get("volumes", [])}
+    repo_conf = NGINX_CONF.read_text()
+    conf_dirs = []  # where the proxy mounts a ConfigMap holding the repo's nginx.conf
+    for mount in proxy.get("volumeMounts", []):
+        source = volumes.get(mount.get("name"), {}).get("configMap") or {}
+        files = (config_maps.get(source.get("name")) or {}).get("data", {})
+        if files.get("nginx.conf") == repo_conf:
+            conf_dirs.append(mount.get("mountPath"))
+    command = [*proxy.get("command", []), *proxy.get("args", [])]
+    conf = command[command.index("-c") + 1] if "-c" in command[:-1] else None
+    if conf not in {f"{d}/nginx.conf" for d in conf_dirs}:
+        errors.append(
+            f"{where}: nginx must run deploy/nginx/nginx.conf as it is, from a ConfigMap it "
+            f"mounts (-c {conf}; mounted copies of the repo's file: {conf_dirs})"
+        )
+    security = proxy.get("securityContext", {})
+    pod_security = pod.get("securityContext", {})
+    # The container's own setting wins over the pod's.
+    non_root = security.get("runAsNonRoot", pod_security.get("runAsNonRoot"))
+    user = security.get("runAsUser", pod_security.get("runAsUser"))
+    locked = {
+        "allowPrivilegeEscalation: false": security.get("allowPrivilegeEscalation") is False,
+        "readOnlyRootFilesystem: true": security.get("readOnlyRootFilesystem") is True,
+        "capabilities.drop: [ALL]": security.get("capabilities", {}).get("drop") == ["ALL"],
+        "runAsNonRoot: true (a user other than 0)": non_root is True and user != 0,
+    }
+    errors += [
+        f"{where}: the {SIDECAR} container lacks {what}" for what, ok in locked.items() if not ok
+    ]
+    return errors
+
+
+# -- 5. checkov ----------------------------------------------------------------------
 def check_checkov(text: str, work: Path) -> list[str]:
     path = work / "rendered.yaml"
     path.write_text(text)
@@ -238,7 +303,7 @@ def check_checkov(text: str, work: Path) -> list[str]:
 def validate(text: str, *, security: bool = True) -> list[str]:
     docs = [d for d in yaml.safe_load_all(text) if d]
     with tempfile.TemporaryDirectory() as tmp:
-        errors = check_core(docs, Path(tmp)) + check_kserve(docs)
+        errors = check_core(docs, Path(tmp)) + check_kserve(docs) + check_sidecar(docs)
         if security:
             errors += check_checkov(text, Path(tmp))
     return errors
@@ -260,6 +325,16 @@ def _breakages() -> list[tuple[str, str, Callable[[list[dict]], None], bool]]:
 
     def runtime(docs: list[dict]) -> dict:
         return _find(docs, "ServingRuntime")["spec"]
+
+    def proxy(docs: list[dict]) -> dict:
+        return next(c for c in deployment(docs)["containers"] if c["name"] == SIDECAR)
+
+    def drop_proxy(docs: list[dict]) -> None:
+        deployment(docs)["containers"].remove(proxy(docs))
+
+    def edit_nginx_conf(docs: list[dict]) -> None:
+        data = next(d for d in docs if "nginx.conf" in d.get("data", {}))["data"]
+        data["nginx.conf"] = data["nginx.conf"].replace("listen 8080;", "listen 8081;")
 
     return [
         (
@@ -331,6 +406,38 @@ def _breakages() -> list[tuple[str, str, Callable[[list[dict]], None], bool]]:
             "kserve",
             lambda d: predictor(d)["model"].update(runtime="kserve-mlserver"),
             False,
+        ),
+        ("a web pod without the nginx sidecar", "base", drop_proxy, False),
+        (
+            "a Service that skips nginx",
+            "base",
+            lambda d: _find(d, "Service")["spec"]["ports"][0].update(targetPort="gunicorn"),
+            False,
+        ),
+        ("an nginx.conf that is not the repo's", "local", edit_nginx_conf, False),
+        (
+            "nginx reading the image's config, not the ConfigMap",
+            "base",
+            lambda d: proxy(d).update(args=["-e", "stderr", "-c", "/etc/nginx/nginx.conf"]),
+            False,
+        ),
+        (
+            "a proxy that may escalate its privileges",
+            "local",
+            lambda d: proxy(d)["securityContext"].update(allowPrivilegeEscalation=True),
+            False,
+        ),
+        (
+            "a proxy running as root",
+            "base",
+            lambda d: proxy(d)["securityContext"].update(runAsUser=0),
+            False,
+        ),
+        (
+            "a privileged proxy",
+            "base",
+            lambda d: proxy(d)["securityContext"].update(privileged=True),
+            True,
         ),
         (
             "a privileged container",
