@@ -7,25 +7,30 @@
 #
 # 1. installs what it lacks (podman, runc, buildah, debootstrap, curl; util-linux's
 #    nsenter) and the tools' virtualenv (.venv-kube: KServe's SDK, PyYAML);
-# 2. builds the serving and training images (scripts/podman-work.sh);
+# 2. builds the serving and training images and the proxy's, deploy/nginx
+#    (scripts/podman-work.sh);
 # 3. renders overlays/local (the trainer's MNIST pointed at a host folder) and
 #    overlays/kserve; turns the Jobs into Pods with restartPolicy Never
 #    (scripts/kube_local.py: podman 4.3 has no Jobs); Services, HPAs, PDBs and
 #    NetworkPolicies are validated only (scripts/validate_manifests.py);
-# 4. plays the PVC and the Deployment (2 replicas) on the empty store: every replica
-#    must answer /ready 503 (nothing to serve yet: readiness is not reported before
-#    a model loads); then the seed Job as a Pod; then waits until every replica is
-#    ready with every worker serving v1;
-# 5. posts real MNIST test digits as PNGs to /predict on each replica, and runs
-#    KServe's SDK (scripts/kserve_conformance.py) against one;
+# 4. plays the PVC and the Deployment (2 replicas, each gunicorn behind its nginx
+#    sidecar; every request to a replica goes through nginx, the pod's 8080) on the empty
+#    store: every replica must answer /ready 503 (nothing to serve yet: readiness is
+#    not reported before a model loads); then the seed Job as a Pod; then waits until
+#    every replica is ready with every worker serving v1;
+# 5. posts real MNIST test digits as PNGs to /predict on each replica, checks that
+#    nginx's own errors (a 413 for a body over the limit) and the API's (a 404) are
+#    the API's JSON, and runs KServe's SDK (scripts/kserve_conformance.py) against one;
 # 6. runs the trainer Job as a Pod on the same volume with a few hundred training
 #    images; every replica must then serve the new version, without a restart;
 # 7. plays the pod KServe would make from the InferenceService and ServingRuntime
 #    (the version folder at /mnt/models, read-only, as a pvc:// storageUri mounts it)
 #    and runs KServe's SDK against it;
-# 8. stops the replicas with SIGTERM (each must exit 0 after a graceful shutdown),
-#    tears everything down and deletes what it made, failed or not; what a killed
-#    earlier run left (its folder in /tmp, its pods and volumes) goes first.
+# 8. stops each replica in the order of a pod's shutdown (docs/kubernetes.md): nginx
+#    first (SIGQUIT, its image's stop signal), then gunicorn (SIGTERM); each must exit
+#    0 after a graceful shutdown; tears everything down and deletes what it made,
+#    failed or not; what a killed earlier run left (its folder in /tmp, its pods and
+#    volumes) goes first.
 #
 # Each replica is reached on its own loopback: the host's curl and Python run inside
 # the pod's network namespace (nsenter), so no traffic leaves 127.0.0.1.
@@ -59,6 +64,10 @@ KUBE_VENV=${DIGITSERVE_KUBE_VENV:-$ROOT/.venv-kube}
 BASE_TAG=localhost/digitserve-e2e-base:bookworm
 SERVE_TAG=localhost/digitserve:kube-e2e     # the names overlays/local gives the images
 TRAIN_TAG=localhost/digitserve-train:kube-e2e
+PROXY_TAG=localhost/digitserve-proxy:kube-e2e
+FRONT=http://127.0.0.1:8080                 # a pod's front door: a replica's nginx
+GUNICORN=http://127.0.0.1:8081              # (base/deployment.yaml) and the gunicorn behind
+                                            # it; the KServe pod's gunicorn is on 8080
 WORKERS=2                                   # DIGITSERVE_WORKERS of base/settings.env
 STARTED=$SECONDS
 
@@ -120,6 +129,7 @@ trap 'exec 1>&3 2>&4; log "interrupted (or the ${TOTAL_TIMEOUT}s bound was reach
 # ---- 2. images -----------------------------------------------------------------------
 log "images (base cache: $DIGITSERVE_E2E_CACHE)"
 podman_images "$BASE_TAG" "$SERVE_TAG" "$TRAIN_TAG"
+podman_proxy_image "$BASE_TAG" "$PROXY_TAG"
 
 # ---- 3. render -------------------------------------------------------------------------
 if [[ ! -f $MNIST/t10k-images-idx3-ubyte.gz && ! -f $MNIST/t10k-images-idx3-ubyte ]]; then
@@ -158,15 +168,23 @@ in_pod() {
     pid=$(podman inspect --format '{{.State.Pid}}' "$1") && ((pid > 0)) || return 1
     nsenter -t "$pid" -n -- "${@:2}"
 }
-status_of() {  # status_of CONTAINER PATH: the HTTP status on the pod's 127.0.0.1:8080
+# status_of CONTAINER PATH [CURL ARGS...]: the HTTP status of PATH through the pod's
+# nginx; the answer in $WORK/answer.json, its head in $WORK/answer.head.
+status_of() {
     # curl writes 000 itself when nothing answers: appending another made "000000".
     local code
-    code=$(in_pod "$1" curl -s --noproxy '*' -m 10 -o "$WORK/answer.json" -w '%{http_code}' \
-        "http://127.0.0.1:8080$2" 2>/dev/null) || true
+    code=$(in_pod "$1" curl -s --noproxy '*' -m 20 -o "$WORK/answer.json" -D "$WORK/answer.head" \
+        -w '%{http_code}' "${@:3}" "$FRONT$2" 2>/dev/null) || true
     echo "${code:-000}"
 }
+via_nginx() { grep -qi '^server: nginx' "$WORK/answer.head"; }  # the last answer's
+error_code() {  # the "code" of the last answer, if it has the API's JSON error shape
+    "$PY" -c 'import json, sys
+error = json.load(sys.stdin)["error"]
+print(error["code"] if set(error) == {"code", "message"} else "")' < "$WORK/answer.json" 2>/dev/null
+}
 worker_versions() {  # the version each gunicorn worker of the pod serves, one a line
-    in_pod "$1" curl -sf --noproxy '*' -m 10 http://127.0.0.1:8080/metrics 2>/dev/null \
+    in_pod "$1" curl -sf --noproxy '*' -m 10 "$FRONT/metrics" 2>/dev/null \
         | awk '/^digitserve_model_version\{/ {printf "%d\n", $2}'
 }
 # wait_serving CONTAINER VERSION SECONDS: ready, every worker on VERSION
@@ -203,19 +221,27 @@ bounded 180 podman kube play "$WORK/play/web.yaml" > "$WORK/logs/play-web.log" 2
     || { cat "$WORK/logs/play-web.log"; die "playing the Deployment failed"; }
 mapfile -t REPLICAS < <(podman ps --format '{{.Names}}' | grep -E '^digitserve-pod-[0-9]+-digitserve$' | sort)
 ((${#REPLICAS[@]} == 2)) || die "expected the Deployment's 2 replicas, got: ${REPLICAS[*]:-none}"
-log "Deployment digitserve: replicas ${REPLICAS[*]}"
+for c in "${REPLICAS[@]}"; do
+    [[ $(podman inspect --format '{{.State.Running}}' "${c%-digitserve}-proxy" 2>/dev/null) == true ]] \
+        || die "${c%-digitserve}: no nginx sidecar running (container ${c%-digitserve}-proxy)"
+done
+log "Deployment digitserve: replicas ${REPLICAS[*]}, each with its nginx sidecar (-proxy)"
 
 # An empty store: each replica must say it is not ready (a 503), not pass early.
 for c in "${REPLICAS[@]}"; do
     deadline=$((SECONDS + 120))
-    until [[ $(status_of "$c" /ready) != 000 ]]; do
-        ((SECONDS < deadline)) || die "$c never answered on 127.0.0.1:8080"
+    # 000: nginx not listening yet; 502: nginx is, gunicorn not yet.
+    until [[ ! $(status_of "$c" /ready) =~ ^(000|502)$ ]]; do
+        ((SECONDS < deadline)) || die "$c: gunicorn never answered through nginx on $FRONT"
         sleep 1
     done
     [[ $(status_of "$c" /v2/health/ready) == 503 ]] || die "$c: /v2/health/ready not 503 on an empty store"
     code=$(status_of "$c" /ready)
     [[ $code == 503 ]] || die "$c answered /ready $code on an empty store (expected 503)"
-    log "$c, empty store: /ready 503 ($(cut -c1-90 "$WORK/answer.json"))"
+    via_nginx || die "$c: /ready was not answered through nginx: $(head -c 300 "$WORK/answer.head")"
+    code=$(in_pod "$c" curl -s --noproxy '*' -m 10 -o /dev/null -w '%{http_code}' "$GUNICORN/ready") || true
+    [[ $code == 503 ]] || die "$c: gunicorn's own /ready (the probes' port) answered ${code:-000}"
+    log "$c, empty store: /ready 503 through nginx, and from gunicorn ($(cut -c1-70 "$WORK/answer.json"))"
 done
 
 log "seed Job as a Pod (restartPolicy Never)"
@@ -228,11 +254,23 @@ done
 
 # ---- 5. real digits, and KServe's SDK -------------------------------------------------------
 for c in "${REPLICAS[@]}"; do
-    out=$(in_pod "$c" "$PY" "$ROOT/scripts/post_digits.py" --url http://127.0.0.1:8080 \
+    out=$(in_pod "$c" "$PY" "$ROOT/scripts/post_digits.py" --url "$FRONT" \
         --mnist "$MNIST" --version 1 --count 20) || die "$c: $out"
-    log "$c /predict: $out"
+    log "$c /predict through nginx: $out"
 done
-in_pod "${REPLICAS[0]}" "$PY" "$ROOT/scripts/kserve_conformance.py" --url http://127.0.0.1:8080 \
+# nginx's own error and the API's, both in the API's JSON shape (as compose's proxy).
+head -c 11000000 /dev/zero > "$WORK/big.bin"
+for c in "${REPLICAS[@]}"; do
+    code=$(status_of "$c" /predict -H 'Content-Type: image/png' --data-binary "@$WORK/big.bin")
+    [[ $code == 413 && $(error_code) == payload_too_large ]] \
+        || die "$c: an 11 MB body through nginx: $code $(head -c 300 "$WORK/answer.json")"
+    via_nginx || die "$c: the 413 was not nginx's own: $(head -c 300 "$WORK/answer.head")"
+    code=$(status_of "$c" /models/other)
+    [[ $code == 404 && $(error_code) == model_not_found ]] \
+        || die "$c: GET /models/other through nginx: $code $(head -c 300 "$WORK/answer.json")"
+    log "$c: nginx's own 413 and the API's 404, both as the API's JSON errors"
+done
+in_pod "${REPLICAS[0]}" "$PY" "$ROOT/scripts/kserve_conformance.py" --url "$FRONT" \
     --model mnist --mnist "$MNIST" --version 1 > "$WORK/logs/conformance-1.log" 2>&1 \
     || { cat "$WORK/logs/conformance-1.log"; die "KServe SDK checks failed on ${REPLICAS[0]}"; }
 log "KServe SDK on ${REPLICAS[0]}: $(tail -n 1 "$WORK/logs/conformance-1.log")"
@@ -250,7 +288,7 @@ for c in "${REPLICAS[@]}"; do
     wait_serving "$c" 2 90
     [[ $(podman inspect --format '{{.State.StartedAt}}' "$c") == "${STARTED_AT[$c]}" ]] \
         || die "$c was restarted (expected a hot swap)"
-    out=$(in_pod "$c" "$PY" "$ROOT/scripts/post_digits.py" --url http://127.0.0.1:8080 \
+    out=$(in_pod "$c" "$PY" "$ROOT/scripts/post_digits.py" --url "$FRONT" \
         --mnist "$MNIST" --version 2 --count 20 --min-accuracy "$V2_MIN_ACCURACY") || die "$c: $out"
     log "$c swapped to v2 without a restart; /predict: $out"
 done
@@ -276,9 +314,17 @@ log "KServe predictor pod (ServingRuntime + InferenceService, /mnt/models = mnis
     "$(tail -n 1 "$WORK/logs/conformance-predictor.log")"
 
 # ---- 8. graceful stop, teardown --------------------------------------------------------------
+# A pod's order (podman runs no preStop hooks): nginx stops taking requests and finishes
+# its own, then gunicorn drains. (podman complains on stderr that it cannot reach systemd
+# for the healthcheck timers.)
 for c in "${REPLICAS[@]}"; do
+    proxy=${c%-digitserve}-proxy t0=$SECONDS
+    bounded 90 podman stop -t 45 "$proxy" >/dev/null 2>"$WORK/logs/stop.log" \
+        || { cat "$WORK/logs/stop.log"; die "podman stop $proxy failed"; }
+    code=$(podman inspect --format '{{.State.ExitCode}}' "$proxy")
+    ((code == 0)) || die "$proxy exited $code on its stop signal (the image's SIGQUIT)"
+    log "$proxy (nginx) stopped gracefully on SIGQUIT in $((SECONDS - t0)) s"
     t0=$SECONDS
-    # (podman complains on stderr that it cannot reach systemd for the healthcheck timer)
     bounded 90 podman stop -t 45 "$c" >/dev/null 2>"$WORK/logs/stop.log" \
         || { cat "$WORK/logs/stop.log"; die "podman stop $c failed"; }
     podman logs "$c" 2>&1 | grep -q 'Shutting down: Master' || die "$c did not shut down gracefully"
@@ -290,5 +336,9 @@ for f in "$WORK"/play/*.yaml; do
     bounded 90 podman kube down "$f" > /dev/null 2>&1 || die "podman kube down $f failed"
 done
 bounded 60 podman volume rm digitserve-model-store > /dev/null || die "could not remove the store volume"
+# podman makes a volume of each mounted ConfigMap (nginx's), and kube down leaves it.
+mapfile -t config_volumes < <(podman volume ls -q | grep '^digitserve-nginx-' || true)
+((${#config_volumes[@]} == 0)) || bounded 60 podman volume rm "${config_volumes[@]}" > /dev/null \
+    || die "could not remove the volumes of nginx's ConfigMap: ${config_volumes[*]}"
 [[ -z $(podman ps -a --format '{{.Names}}') ]] || die "containers left after kube down: $(podman ps -a --format '{{.Names}}')"
 log "torn down: no pod, container or volume left"
