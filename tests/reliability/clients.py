@@ -64,6 +64,7 @@ class Outcome:
     status: int | None = None
     seconds: float = 0.0
     connected: bool = False  # the kernel accepted the connection (connect() returned)
+    connected_at: float | None = None  # time.monotonic() when it did (None: not connected)
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
 
@@ -132,16 +133,18 @@ def send(
     started = time.monotonic()
     deadline = started + timeout
     own = sock is None
-    connected = not own
+    connected_at = None if own else started
     try:
         if own:
             sock = socket.create_connection(address, timeout=timeout)
-            connected = True
+            connected_at = time.monotonic()
         assert sock is not None
         sock.settimeout(max(0.01, deadline - time.monotonic()))
         sock.sendall(payload)
         status, headers, body = read_response(sock, deadline)
-        return Outcome("answer", status, time.monotonic() - started, True, body, headers)
+        return Outcome(
+            "answer", status, time.monotonic() - started, True, connected_at, body, headers
+        )
     except ConnectionRefusedError:
         kind = "refused"
     except (ConnectionResetError, BrokenPipeError):
@@ -155,7 +158,7 @@ def send(
     finally:
         if own and sock is not None:
             sock.close()
-    return Outcome(kind, None, time.monotonic() - started, connected)
+    return Outcome(kind, None, time.monotonic() - started, connected_at is not None, connected_at)
 
 
 class Stallers:

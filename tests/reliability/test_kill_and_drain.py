@@ -3,10 +3,13 @@
 - SIGKILL of one worker: the service answers again within 2 s; only requests in flight
   on that worker fail (at most one a client: each has one request outstanding), all of
   them sent before the kill; the master starts a new worker that serves.
-- SIGTERM to the master: every request the kernel accepted (connect() returned) is
-  answered, those in the listen backlog included; the server exits within its graceful
-  timeout. Once as a burst of 32 requests with SIGTERM 5 ms later (the probe that found
-  the backlog resets), repeated; once under steady load.
+- SIGTERM to the master: every request the kernel had accepted when the signal came
+  (connect() returned) is answered, those in the listen backlog included; the server
+  exits within its graceful timeout. Once as a burst of 32 requests with SIGTERM 5 ms
+  later (the probe that found the backlog resets), repeated; once under steady load.
+  A connection opened after the signal is answered or refused, except one whose
+  handshake the kernel is still completing as the last listener closes: reset, and
+  counted apart (docs/reliability.md: what a preStop delay is for).
 """
 
 from __future__ import annotations
@@ -112,8 +115,11 @@ def drain_server(start_server: Callable[..., Server], store: Path) -> Server:
     )
 
 
-def burst_then_sigterm(server: Server, payloads: list[bytes], n: int = 32) -> list[Outcome]:
-    """``n`` requests released at once on new connections; SIGTERM 5 ms later."""
+def burst_then_sigterm(
+    server: Server, payloads: list[bytes], n: int = 32
+) -> tuple[list[Outcome], float]:
+    """``n`` requests released at once on new connections; SIGTERM 5 ms later. Returns
+    the outcomes and when the signal was sent."""
     address = local_address(server.url)
     outcomes: list[Outcome | None] = [None] * n
     go = threading.Barrier(n + 1)
@@ -127,40 +133,54 @@ def burst_then_sigterm(server: Server, payloads: list[bytes], n: int = 32) -> li
         t.start()
     go.wait()
     time.sleep(0.005)
+    sent_at = time.monotonic()
     os.kill(server.proc.pid, signal.SIGTERM)
     for t in threads:
         t.join(GRACEFUL + 20)
-    return [o for o in outcomes if o is not None]
+    return [o for o in outcomes if o is not None], sent_at
+
+
+def unanswered(outcomes: list[Outcome], term_at: float) -> tuple[list[Outcome], list[Outcome]]:
+    """The connected requests not answered: those connected before the SIGTERM (lost:
+    the server had received them), and those connected after it (they raced the close)."""
+    failed = [o for o in outcomes if o.connected and not o.ok]
+    lost = [o for o in failed if o.connected_at is not None and o.connected_at < term_at]
+    return lost, [o for o in failed if o not in lost]
 
 
 def test_sigterm_drain_answers_a_burst_in_the_backlog(start_server, tmp_path, payloads, figure):
     rounds = int(scaled(8, 3))
-    answered = not_received = lost = 0
+    answered = not_received = 0
+    lost: list[Outcome] = []
+    raced: list[Outcome] = []
     exits: list[float] = []
     for k in range(rounds):
         server = drain_server(start_server, copy_shipped_store(tmp_path / f"store{k}"))
-        t0 = time.monotonic()
-        outcomes = burst_then_sigterm(server, payloads)
+        outcomes, term_at = burst_then_sigterm(server, payloads)
         server.proc.wait(GRACEFUL + 15)
-        exits.append(time.monotonic() - t0)
+        exits.append(time.monotonic() - term_at)
         answered += sum(o.ok for o in outcomes)
         # connect() refused or timed out: the kernel never accepted it
         not_received += sum(not o.connected for o in outcomes)
-        lost += sum(o.connected and not o.ok for o in outcomes)
+        round_lost, round_raced = unanswered(outcomes, term_at)
+        lost += round_lost
+        raced += round_raced
         assert server.proc.returncode == 0, server.output()
     figure(
         "sigterm-burst",
         f"{rounds} rounds of 32 requests at once, SIGTERM 5 ms later: {answered} answered, "
-        f"{not_received} not received (connect() refused or timed out), {lost} accepted but not "
-        f"answered; the server exited {min(exits):.1f}-{max(exits):.1f} s after SIGTERM "
-        f"(graceful timeout {GRACEFUL} s)",
+        f"{not_received} not received (connect() refused or timed out), {len(lost)} accepted "
+        f"before the SIGTERM but not answered, {len(raced)} connected after it and reset "
+        f"({dict(Counter(o.kind for o in raced))}); the server exited "
+        f"{min(exits):.1f}-{max(exits):.1f} s after SIGTERM (graceful timeout {GRACEFUL} s)",
         answered=answered,
         not_received=not_received,
-        lost=lost,
+        lost=len(lost),
+        raced_close=len(raced),
         exit_s=exits,
     )
-    assert lost == 0
-    assert answered + not_received == 32 * rounds
+    assert not lost, [o.kind for o in lost]
+    assert answered + not_received + len(raced) == 32 * rounds
     assert max(exits) <= GRACEFUL + 2
 
 
@@ -187,14 +207,16 @@ def test_sigterm_drain_under_steady_load(start_server, store_copy, payloads, fig
     )
     killer.join()
     exit_s = exited_at[0] - sent_at[0]
-    lost = [o for _, o in result.outcomes if o.connected and not o.ok]
+    lost, raced = unanswered([o for _, o in result.outcomes], sent_at[0])
     in_drain = sum(1 for t, o in result.outcomes if t >= sent_at[0] and o.ok)
     figure(
         "sigterm-steady",
         f"SIGTERM under load at concurrency 16: {result.count} requests, {len(lost)} accepted "
-        f"but not answered, {in_drain} answered that started after the SIGTERM; exited in "
+        f"before the SIGTERM but not answered, {in_drain} answered that started after it, "
+        f"{len(raced)} connected after it and reset as the listener closed; exited in "
         f"{exit_s:.1f} s",
         lost=len(lost),
+        raced_close=len(raced),
         requests=result.count,
         answered_after_term=in_drain,
         exit_s=exit_s,
