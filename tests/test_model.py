@@ -203,24 +203,48 @@ def test_the_default_recipe_on_the_sample_keeps_its_accuracy(tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C, docker stop
 def test_ctrl_c_or_sigterm_during_training_publishes_nothing(tmp_path, sig):
-    proc = subprocess.Popen(
+    with subprocess.Popen(  # closes the pipes, whatever happens
         sample_training(tmp_path, "--epochs", "200", "--limit-train", "500"),
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-    )
-    try:
-        line = proc.stderr.readline()
-        while line and not line.startswith("epoch 1:"):
+    ) as proc:
+        try:
             line = proc.stderr.readline()
-        proc.send_signal(sig)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
+            while line and not line.startswith("epoch 1:"):
+                line = proc.stderr.readline()
+            proc.send_signal(sig)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
     assert proc.returncode == 128 + sig, err
     assert "nothing was published" in err and "Traceback" not in err
     assert not (tmp_path / "mnist").exists()  # not even an empty model folder
+
+
+def test_a_stop_signal_in_training_is_raised_between_two_steps(sample_train, sample_test):
+    """Raised where it lands, a Ctrl-C inside tqdm's __del__ was only printed by Python and
+    training ran on (a CI run timed out): in training it waits for the next step."""
+    from training.train_cli import StopSignals, Terminated
+
+    stops = StopSignals()
+    stops.deferred = True
+    steps: list[int] = []
+
+    def between_batches() -> None:
+        steps.append(1)
+        if len(steps) == 3:
+            stops(signal.SIGINT, None)  # as the signal arrives: nothing raised yet
+        stops.check()
+
+    cfg = TrainConfig(arch="mlp", epochs=2, batch_size=50)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, sample_train, sample_test, progress=False, between_batches=between_batches)
+    assert len(steps) == 3
+    stops.deferred = False
+    with pytest.raises(Terminated):
+        stops(signal.SIGTERM, None)  # outside training: at once, as docker stop's SIGTERM
 
 
 def test_ctrl_c_after_the_version_went_live_says_so(tmp_path, monkeypatch, capsys):

@@ -15,6 +15,7 @@ import platform
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,7 +112,10 @@ def train(
     *,
     progress: bool = True,
     log_epochs: bool = False,
+    between_batches: Callable[[], None] | None = None,
 ) -> TrainResult:
+    """Train a network as ``cfg`` says. ``between_batches`` runs after each step: the
+    command raises there a stop signal whose exception a finalizer swallowed."""
     rng = seed_everything(cfg.seed)
     if cfg.limit_train is not None:
         train_split = Split(
@@ -163,6 +167,8 @@ def train(
             correct += int((out.argmax(axis=1).asnumpy() == y).sum())
             seen += len(y)
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
+            if between_batches is not None:
+                between_batches()
         # Evaluation runs outside record()/train_mode(): running BN statistics, no Dropout.
         test = evaluate(lambda b: net(mx.nd.array(b)).asnumpy(), test_split, mean, std)
         elapsed = time.perf_counter() - started

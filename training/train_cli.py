@@ -93,8 +93,28 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (docker stop): cleaned up exactly as Ctrl-C is."""
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise Terminated
+class StopSignals:
+    """SIGINT and SIGTERM raise at once, except while ``deferred``: then at ``check``.
+
+    Training defers them to between two steps. Raised anywhere, one can land in a
+    finalizer, where Python only prints it: a Ctrl-C in tqdm's __del__ once let training
+    run on to the end.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.deferred = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.received = signum
+        if not self.deferred:
+            self.check()
+
+    def check(self) -> None:
+        if self.received is not None:
+            raise Terminated if self.received == signal.SIGTERM else KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,16 +122,21 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(
         ["python", "-m", "training.train", *(sys.argv[1:] if argv is None else argv)]
     )
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    stops = StopSignals()
+    previous = {sig: signal.signal(sig, stops) for sig in StopSignals.SIGNALS}
     try:
-        return train_and_publish(args, cfg, command)
+        return train_and_publish(args, cfg, command, stops)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
-def train_and_publish(args: argparse.Namespace, cfg: TrainConfig, command: str) -> int:
+def train_and_publish(
+    args: argparse.Namespace, cfg: TrainConfig, command: str, stops: StopSignals | None = None
+) -> int:
     """The command's work and its exit status (0, 2, 3, or 128 + the signal that stopped it)."""
     version = None
+    stops = stops or StopSignals()
     try:
         store = ModelStore(args.store)
         publishing.check_writable(store, args.name)  # before minutes of training, not after
@@ -119,7 +144,19 @@ def train_and_publish(args: argparse.Namespace, cfg: TrainConfig, command: str) 
         test_split = load_split("test", args.data_dir)
         for warning in doubtful_data(train_split, test_split, cfg.limit_train):
             print(f"warning: {warning}", file=sys.stderr)
-        result = train(cfg, train_split, test_split, progress=args.progress, log_epochs=True)
+        stops.deferred = True
+        try:
+            result = train(
+                cfg,
+                train_split,
+                test_split,
+                progress=args.progress,
+                log_epochs=True,
+                between_batches=stops.check,
+            )
+        finally:
+            stops.deferred = False
+        stops.check()  # one that came in the last epoch's evaluation
         version = publish(
             store, args.name, cfg, result, train_split, test_split, command, args.min_accuracy
         )
