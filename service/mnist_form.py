@@ -350,22 +350,39 @@ def _grid_filter(grid: np.ndarray, op: np.ufunc) -> np.ndarray:
     return op(op(rows[:, :-2], rows[:, 1:-1]), rows[:, 2:])
 
 
+_OTSU_BINS = 64
+_EDGE_STEPS = np.arange(_OTSU_BINS + 1, dtype=np.float64)
+
+
 def _otsu(values: np.ndarray) -> float:
-    """Otsu's threshold between background and ink levels."""
+    """Otsu's threshold between background and ink levels (non-negative floats)."""
     high = float(values.max())
     if high <= 0:
         return 0.0
-    hist, edges = np.histogram(values, bins=64, range=(0.0, high))
+    hist, edges = _histogram(values.ravel(), high)
     hist = hist.astype(np.float64)
     centres = (edges[:-1] + edges[1:]) / 2
     w0 = np.cumsum(hist)
     w1 = w0[-1] - w0
     m0 = np.cumsum(hist * centres)
     m1 = m0[-1] - m0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        between = w0 * w1 * (m0 / w0 - m1 / w1) ** 2
-    between = np.nan_to_num(between[:-1], nan=-1.0)
-    return float(edges[int(np.argmax(between)) + 1])
+    # Where a class is empty the variance is 0/0: never the threshold (-1).
+    both = (w0 > 0) & (w1 > 0)
+    safe0, safe1 = np.where(both, w0, 1.0), np.where(both, w1, 1.0)
+    between = np.where(both, w0 * w1 * (m0 / safe0 - m1 / safe1) ** 2, -1.0)
+    return float(edges[int(np.argmax(between[:-1])) + 1])
+
+
+def _histogram(flat: np.ndarray, high: float) -> tuple[np.ndarray, np.ndarray]:
+    """np.histogram(flat, _OTSU_BINS, (0, high)) for values in [0, high], bit for bit
+    (numpy's edges, index and edge corrections) without its checks: a third of the time."""
+    edges = (_EDGE_STEPS * (high / _OTSU_BINS)).astype(flat.dtype)  # np.linspace's steps
+    edges[-1] = high
+    index = (flat * (_OTSU_BINS / high)).astype(np.intp)
+    index[index == _OTSU_BINS] -= 1
+    index[flat < edges[index]] -= 1
+    index[(flat >= edges[index + 1]) & (index != _OTSU_BINS - 1)] += 1
+    return np.bincount(index, minlength=_OTSU_BINS), edges
 
 
 def _frame(ink: np.ndarray) -> np.ndarray:

@@ -164,6 +164,49 @@ def test_percentiles_are_numpys_bit_for_bit(values, q):
     np.testing.assert_array_equal(mnist_form._percentiles(array, tuple(q)), np.percentile(array, q))
 
 
+def numpy_otsu(values: np.ndarray) -> float:
+    """The threshold as first written, with np.histogram: _otsu must equal it."""
+    high = float(values.max())
+    if high <= 0:
+        return 0.0
+    hist, edges = np.histogram(values, bins=64, range=(0.0, high))
+    hist = hist.astype(np.float64)
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centres)
+    m1 = m0[-1] - m0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = w0 * w1 * (m0 / w0 - m1 / w1) ** 2
+    between = np.nan_to_num(between[:-1], nan=-1.0)
+    return float(edges[int(np.argmax(between)) + 1])
+
+
+@FUZZ
+@given(
+    st.lists(st.floats(0, 1, width=32), min_size=1, max_size=400),
+    st.sampled_from([np.float32, np.float64]),
+)
+def test_otsu_is_the_np_histogram_threshold_bit_for_bit(values, dtype):
+    array = np.array(values, dtype)
+    flat, high = array.ravel(), float(array.max())
+    if high > 0:
+        counts, edges = mnist_form._histogram(flat, high)
+        expected_counts, expected_edges = np.histogram(array, bins=64, range=(0.0, high))
+        np.testing.assert_array_equal(counts, expected_counts)
+        np.testing.assert_array_equal(edges, expected_edges)
+    assert mnist_form._otsu(array) == numpy_otsu(array)
+
+
+def test_otsu_equals_np_histogram_on_real_ink(sample_test):
+    rng = np.random.default_rng(0)
+    for digit in sample_test.images[:40]:
+        gray = mnist_form._grayscale(Image.open(io.BytesIO(images.canvas_png(digit))))
+        ink = mnist_form._ink(gray)
+        for values in (ink[ink > 0], rng.random(5000, np.float32) ** 3):
+            assert mnist_form._otsu(values) == numpy_otsu(values)
+
+
 @pytest.mark.slow
 def test_all_70k_mnist_digits_pass_through_unchanged():
     folder = Path(os.environ.get("MNIST_DIR") or images.MNIST_DIRS[-1])
