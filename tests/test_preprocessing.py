@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageDraw, ImageFile
 
-from service import handler, mnist_form
+from service import decoding, handler, mnist_form
 from service.config import Config
 from service.decoding import ALLOWED_FORMATS, decode_image
 from service.errors import ApiError, InvalidImage, PayloadTooLarge, UnsupportedMediaType
@@ -659,6 +659,35 @@ def _convert(image: Image.Image, mode: str) -> Image.Image:
 @given(random_images())
 def test_any_image_gives_a_valid_digit(image):
     assert_mnist_shaped(to_mnist(image))
+
+
+@pytest.mark.skipif(decoding.pyspng is None, reason="no libspng wheel for this platform")
+@FUZZ
+@given(random_images())
+def test_libspng_decodes_a_png_to_pillows_pixels(image):
+    out = io.BytesIO()
+    try:
+        image.save(out, "PNG")
+    except (OSError, KeyError, ValueError):  # CMYK, LAB, premultiplied...: no PNG of those
+        return
+    data = out.getvalue()
+    by_pillow = Image.open(io.BytesIO(data))
+    by_pillow.load()
+    fast = decoding._plain_png(decoding.open_image(data, max_pixels=10**7))
+    plain = by_pillow.mode in ("L", "RGB", "RGBA") and "transparency" not in by_pillow.info
+    assert (fast is not None) == plain, by_pillow.mode
+    if fast is not None:
+        assert (fast.mode, fast.size, fast.format) == (by_pillow.mode, by_pillow.size, "PNG")
+        assert fast.tobytes() == by_pillow.tobytes()
+
+
+def test_every_upload_format_decodes_the_same_without_libspng(monkeypatch):
+    decoded = {key: decode_image(data, max_pixels=10**7) for key, data in ENCODED.items()}
+    monkeypatch.setattr(decoding, "pyspng", None)
+    for key, data in ENCODED.items():
+        by_pillow = decode_image(data, max_pixels=10**7)
+        assert (decoded[key].mode, decoded[key].size) == (by_pillow.mode, by_pillow.size), key
+        assert decoded[key].tobytes() == by_pillow.tobytes(), key
 
 
 @st.composite
