@@ -63,10 +63,14 @@ class Outcome:
     kind: str  # "answer", or the failure: refused, reset, timeout, closed, error
     status: int | None = None
     seconds: float = 0.0
-    connected: bool = False  # the kernel accepted the connection (connect() returned)
-    connected_at: float | None = None  # time.monotonic() when it did (None: not connected)
+    # time.monotonic() when the kernel accepted the connection (connect() returned)
+    connected_at: float | None = None
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def connected(self) -> bool:
+        return self.connected_at is not None
 
     @property
     def ok(self) -> bool:
@@ -142,9 +146,7 @@ def send(
         sock.settimeout(max(0.01, deadline - time.monotonic()))
         sock.sendall(payload)
         status, headers, body = read_response(sock, deadline)
-        return Outcome(
-            "answer", status, time.monotonic() - started, True, connected_at, body, headers
-        )
+        return Outcome("answer", status, time.monotonic() - started, connected_at, body, headers)
     except ConnectionRefusedError:
         kind = "refused"
     except (ConnectionResetError, BrokenPipeError):
@@ -158,7 +160,7 @@ def send(
     finally:
         if own and sock is not None:
             sock.close()
-    return Outcome(kind, None, time.monotonic() - started, connected_at is not None, connected_at)
+    return Outcome(kind, None, time.monotonic() - started, connected_at)
 
 
 class Stallers:

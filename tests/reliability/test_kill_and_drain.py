@@ -143,9 +143,9 @@ def burst_then_sigterm(
 def unanswered(outcomes: list[Outcome], term_at: float) -> tuple[list[Outcome], list[Outcome]]:
     """The connected requests not answered: those connected before the SIGTERM (lost:
     the server had received them), and those connected after it (they raced the close)."""
-    failed = [o for o in outcomes if o.connected and not o.ok]
-    lost = [o for o in failed if o.connected_at is not None and o.connected_at < term_at]
-    return lost, [o for o in failed if o not in lost]
+    failed = [o for o in outcomes if o.connected_at is not None and not o.ok]
+    lost = [o for o in failed if o.connected_at < term_at]
+    return lost, [o for o in failed if o.connected_at >= term_at]
 
 
 def test_sigterm_drain_answers_a_burst_in_the_backlog(start_server, tmp_path, payloads, figure):
