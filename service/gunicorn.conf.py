@@ -15,6 +15,7 @@ import tempfile
 import threading
 import time
 
+from service.balancing import WorkerTable
 from service.config import Config  # light: no MXNet, no Flask
 from service.gunicorn_ext import ACCESS_LOG_FORMAT, install_patches
 from service.worker import BufferedThreadWorker
@@ -51,11 +52,11 @@ timeout = _int("DIGITSERVE_TIMEOUT", 60, minimum=0)  # 0: gunicorn's "never"
 graceful_timeout = _int("DIGITSERVE_GRACEFUL_TIMEOUT", 30, minimum=0)
 keepalive = _int("DIGITSERVE_KEEPALIVE", 5, minimum=0)
 backlog = _int("DIGITSERVE_BACKLOG", 512, minimum=1)
-# Each worker listens on a socket of its own (SO_REUSEPORT) and the kernel spreads new
-# connections over them. On one shared socket a connection stays with whichever worker
-# won the accept: 32 kept-alive connections once split 31/1, and ran at half the rate.
+# The workers share one listening socket and a new connection goes to the worker holding
+# the fewest (service/balancing.py). Left to the kernel, 32 kept-alive connections split
+# 31/1 on a shared socket and 10/22 to 19/13 over SO_REUSEPORT sockets (REUSE_PORT=1).
 _tcp = not bind.startswith(("unix:", "fd://"))
-reuse_port = _tcp and (os.environ.get("DIGITSERVE_REUSE_PORT") or "1").strip() != "0"
+reuse_port = _tcp and (os.environ.get("DIGITSERVE_REUSE_PORT") or "0").strip() == "1"
 accesslog = os.environ.get("DIGITSERVE_ACCESS_LOG", "-") or None
 errorlog = "-"
 loglevel = (os.environ.get("DIGITSERVE_LOG_LEVEL") or "info").lower()
@@ -133,6 +134,13 @@ def when_ready(server):
     os.environ[_MADE] = os.pathsep.join(made)
 
 
+def pre_fork(server, worker):
+    """A slot for the worker in the table of connections (a shared socket only: with
+    SO_REUSEPORT the kernel, not the workers, picks)."""
+    if not server.cfg.reuse_port:
+        worker.slot = WorkerTable.shared(server).claim(worker.age)
+
+
 def post_worker_init(worker):
     """Wait for the worker's start-up load, then watch its inference thread; if it dies
     or hangs in a forward pass, stop the worker so gunicorn starts a fresh one.
@@ -165,6 +173,7 @@ def child_exit(server, worker):
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
+    WorkerTable.shared(server).release(getattr(worker, "slot", None))
 
 
 def on_exit(server):

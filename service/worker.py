@@ -21,11 +21,15 @@ closes the socket at the end: connections the kernel had queued meanwhile (the l
 backlog) were reset. Here the queue is accepted to its end first, the socket closed at
 once (new connections are refused, not queued), and what was accepted is served.
 
-Start-up. With one listening socket per worker (SO_REUSEPORT) gunicorn binds a new
-worker's socket right after the fork, so the kernel queues connections on it while the
-model loads; here a worker binds only once its model has loaded.
+Balance. The workers share the listening socket, and one accepts a new connection only
+if no other ready worker holds fewer (service/balancing.py): the kernel alone split
+kept-alive connections 31/1 on a shared socket, 10/22 over SO_REUSEPORT sockets.
 
-It runs to about 480 lines because it replaces one loop of gthread's whole: the
+Start-up. With one listening socket per worker (SO_REUSEPORT, an option) gunicorn binds
+a new worker's socket right after the fork, so the kernel queues connections on it while
+the model loads; here a worker binds only once its model has loaded.
+
+It runs to about 550 lines because it replaces one loop of gthread's whole: the
 buffering, its limits and the drain share that loop's state and read best together.
 """
 
@@ -45,6 +49,8 @@ from typing import Any, ClassVar
 
 import gunicorn.sock
 from gunicorn.workers.gthread import TConn, ThreadWorker
+
+from service.balancing import WorkerSlot
 
 
 class TimeoutSocket(socket.socket):
@@ -237,6 +243,10 @@ class BufferedThreadWorker(ThreadWorker):
     max_body: ClassVar[int] = 10 * 1024 * 1024
     buffer_bytes: ClassVar[int] = 64 * 1024 * 1024
     _SCAN_EVERY = 0.2  # seconds between two looks for expired reads
+    # A worker holding more connections than another leaves a new one to it for this
+    # long, and for _YIELD_AT_MOST in a row at most: the other may be stuck.
+    _YIELD_FOR = 0.001
+    _YIELD_AT_MOST = 0.02
 
     @classmethod
     def configure(
@@ -265,6 +275,11 @@ class BufferedThreadWorker(ThreadWorker):
             + self.cfg.limit_request_fields * (self.cfg.limit_request_field_size + 2)
             + 4
         )
+        # Set by gunicorn.conf.py's pre_fork: this worker's slot among the workers sharing
+        # the listening socket (service/balancing.py); None: accept as gthread does.
+        self.slot: WorkerSlot | None = None
+        self._paused_until = 0.0
+        self._yielding_since: float | None = None
 
     # ---- start-up: bind once the model has loaded ----------------------------------
     def run(self) -> None:
@@ -272,20 +287,58 @@ class BufferedThreadWorker(ThreadWorker):
             self.sockets = create_sockets(self.cfg, self.log)
         super().run()
 
+    # ---- least connections: who accepts from the shared socket --------------------------
+    def notify(self) -> None:
+        """Each turn of the event loop: the heartbeat, and this worker's connections."""
+        super().notify()
+        if self.slot is not None:
+            self.slot.publish(self.nr_conns if self.alive else -1)
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self.slot is not None:
+            self.slot.publish(-1)
+        super().handle_exit(sig, frame)
+
+    def _leave_to_another(self) -> bool:
+        """Whether a worker with fewer connections should take the one queued: if so,
+        stop watching the socket for _YIELD_FOR."""
+        if self.slot is None:
+            return False
+        fewest = self.slot.fewest_elsewhere()
+        if fewest is None or fewest >= self.nr_conns:
+            return False
+        now = time.monotonic()
+        if self._yielding_since is None:
+            self._yielding_since = now
+        elif now - self._yielding_since > self._YIELD_AT_MOST:
+            return False
+        self._paused_until = now + self._YIELD_FOR
+        super().set_accept_enabled(False)
+        return True
+
+    def wait_for_and_dispatch_events(self, timeout: float) -> None:
+        pause = self._paused_until - time.monotonic()
+        super().wait_for_and_dispatch_events(min(timeout, pause) if pause > 0 else timeout)
+
     # ---- reading requests in the event loop -----------------------------------------
     def accept(self, listener: Any) -> None:
+        if self._leave_to_another():
+            return
         try:
             client, address = listener.accept()
         except OSError as e:
             if e.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
                 raise
             return
+        self._yielding_since = None
         self._adopt(client, address, listener.getsockname())
 
     def _adopt(self, client: socket.socket, address: Any, server: Any) -> None:
         sock = TimeoutSocket(client.family, client.type, client.proto, fileno=client.detach())
         sock.io_timeout = self.io_timeout
         self.nr_conns += 1
+        if self.slot is not None:  # at once: the others' next choice must count this one
+            self.slot.publish(self.nr_conns)
         conn = TConn(self.cfg, sock, address, server)  # sets it non-blocking
         self._start_reading(conn)
 
@@ -418,13 +471,22 @@ class BufferedThreadWorker(ThreadWorker):
 
     # ---- drain: serve what the kernel has queued ------------------------------------
     def set_accept_enabled(self, enabled: bool) -> None:
+        if enabled and self.alive and time.monotonic() < self._paused_until:
+            return  # left to a worker with fewer connections, for now
         super().set_accept_enabled(enabled)
         if not enabled and not self.alive:
             self._drain_backlog()
 
     def _drain_backlog(self) -> None:
         """Stopping: accept every connection already queued, then close the listening
-        sockets, so new ones are refused instead of queued and reset."""
+        sockets, so new ones are refused instead of queued and reset. On a shared
+        socket that another worker still serves, the queue is left to it."""
+        if self.slot is not None:
+            self.slot.publish(-1)
+            if self.slot.fewest_elsewhere() is not None:
+                for listener in self.sockets:
+                    listener.close()
+                return
         taken = 0
         for listener in self.sockets:
             if getattr(listener, "sock", listener) is None:
