@@ -1,4 +1,4 @@
-"""Even connections across workers.
+"""Even connections across workers, and a core for each.
 
     service/gunicorn.conf.py: WorkerTable.shared(server) before the first fork;
     claim() in pre_fork, release() in child_exit; service/worker.py publishes and asks.
@@ -100,3 +100,17 @@ class WorkerSlot:
 
     def fewest_elsewhere(self) -> int | None:
         return self.table.fewest_elsewhere(self.index)
+
+
+def pin_to_core(slot: WorkerSlot | None, workers: int, setting: str) -> int | None:
+    """Pin this process (and the threads it will start) to one core, when ``setting``
+    asks for it or, with ``auto``, when the process may use exactly one core per worker.
+    Returns the core, or None if not pinned."""
+    if slot is None or setting == "0" or not hasattr(os, "sched_setaffinity"):
+        return None
+    cores = sorted(os.sched_getaffinity(0))
+    if setting == "auto" and len(cores) != workers:
+        return None
+    core = cores[slot.index % len(cores)]
+    os.sched_setaffinity(0, {core})
+    return core

@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 
-from service.balancing import WorkerTable
+from service.balancing import WorkerTable, pin_to_core
 from service.config import Config  # light: no MXNet, no Flask
 from service.gunicorn_ext import ACCESS_LOG_FORMAT, install_patches
 from service.worker import BufferedThreadWorker
@@ -57,6 +57,11 @@ backlog = _int("DIGITSERVE_BACKLOG", 512, minimum=1)
 # 31/1 on a shared socket and 10/22 to 19/13 over SO_REUSEPORT sockets (REUSE_PORT=1).
 _tcp = not bind.startswith(("unix:", "fd://"))
 reuse_port = _tcp and (os.environ.get("DIGITSERVE_REUSE_PORT") or "0").strip() == "1"
+# auto: each worker on a core of its own when there is one core per worker; thread
+# hand-offs then stay on one core (docs/performance.md).
+cpu_pinning = (os.environ.get("DIGITSERVE_CPU_PINNING") or "auto").strip().lower()
+if cpu_pinning not in ("auto", "0", "1"):
+    raise SystemExit(f"digitserve: DIGITSERVE_CPU_PINNING is auto, 0 or 1, not {cpu_pinning!r}")
 accesslog = os.environ.get("DIGITSERVE_ACCESS_LOG", "-") or None
 errorlog = "-"
 loglevel = (os.environ.get("DIGITSERVE_LOG_LEVEL") or "info").lower()
@@ -139,6 +144,12 @@ def pre_fork(server, worker):
     SO_REUSEPORT the kernel, not the workers, picks)."""
     if not server.cfg.reuse_port:
         worker.slot = WorkerTable.shared(server).claim(worker.age)
+
+
+def post_fork(server, worker):
+    core = pin_to_core(worker.slot, server.num_workers, cpu_pinning)
+    if core is not None:
+        worker.log.info("worker %s on core %d", worker.pid, core)
 
 
 def post_worker_init(worker):

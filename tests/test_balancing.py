@@ -1,12 +1,14 @@
-"""service/balancing.py: the workers' table of connections."""
+"""service/balancing.py: the workers' table of connections, and pinning to a core."""
 
 from __future__ import annotations
 
 import os
 import time
 
+import pytest
+
 from service import balancing
-from service.balancing import WorkerTable
+from service.balancing import WorkerTable, pin_to_core
 
 
 def test_a_forked_worker_sees_what_another_publishes():
@@ -47,3 +49,19 @@ def test_a_released_slot_is_free_and_counts_for_nothing():
     again = table.claim(4)
     assert again is not None and again.index == second.index
     table.release(None)  # a worker that had no slot
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux only")
+def test_pinning_takes_one_core_per_worker_only_when_there_are_as_many():
+    table = WorkerTable(slots=4)
+    slot = table.claim(1)
+    cores = sorted(os.sched_getaffinity(0))
+    assert pin_to_core(slot, workers=len(cores) + 1, setting="auto") is None
+    assert pin_to_core(slot, workers=len(cores), setting="0") is None
+    assert pin_to_core(None, workers=len(cores), setting="1") is None
+    pid = os.fork()
+    if pid == 0:  # pin a child, not the test process
+        core = pin_to_core(slot, workers=len(cores), setting="auto")
+        os._exit(0 if core == cores[0] and os.sched_getaffinity(0) == {core} else 1)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    assert sorted(os.sched_getaffinity(0)) == cores

@@ -101,6 +101,7 @@ def test_app_settings_that_cannot_work_stop_the_server_with_one_line():
         ({"DIGITSERVE_THREADS": "0"}, "DIGITSERVE_THREADS must be at least 1"),
         ({"DIGITSERVE_KEEPALIVE": "-1"}, "DIGITSERVE_KEEPALIVE must be at least 0"),
         ({"DIGITSERVE_OMP_THREADS": "abc"}, "DIGITSERVE_OMP_THREADS='abc' is not an integer"),
+        ({"DIGITSERVE_CPU_PINNING": "yes"}, "DIGITSERVE_CPU_PINNING is auto, 0 or 1, not 'yes'"),
         ({"DIGITSERVE_OMP_THREADS": "0"}, "DIGITSERVE_OMP_THREADS must be at least 1"),
     ]:
         run = gunicorn_config(**env)
