@@ -19,12 +19,13 @@ from typing import Any
 
 import numpy as np
 from flask import Request
+from PIL.Image import Image
 
 from service import decoding, errors
 from service.batching import Pending, Prediction
 from service.config import Config
 from service.inference import InferenceEngine
-from service.mnist_form import MNIST_SIZE, WORK_SIZE, to_mnist
+from service.mnist_form import MNIST_SIZE, WORK_SIZE, gray_to_mnist, to_mnist
 from store import ModelVersion
 from store.manifest import normalize
 
@@ -155,25 +156,38 @@ def preprocess(images: list[bytes], normalization: dict, config: Config) -> np.n
 
     Every image's header is read and its size checked (alone and all together)
     before any is decompressed: a bomb in the last image costs no decoding of the rest."""
+    # 28x28 gray PNGs (MNIST's own form) skip Pillow; every other image is opened first.
+    mnist_pngs = [decoding.is_mnist_png(data) for data in images]
     opened = [
-        _each(i, len(images), decoding.open_image, data, max_pixels=config.MAX_IMAGE_PIXELS)
+        None
+        if mnist_pngs[i]
+        else _each(i, len(images), decoding.open_image, data, max_pixels=config.MAX_IMAGE_PIXELS)
         for i, data in enumerate(images)
     ]
-    total = sum(image.width * image.height for image in opened)
+    total = sum(MNIST_SIZE**2 if image is None else image.width * image.height for image in opened)
     if total > config.MAX_REQUEST_PIXELS:
         raise errors.PayloadTooLarge(
             f"the request's images hold {total} pixels; the limit is {config.MAX_REQUEST_PIXELS}"
         )
     batch = np.empty((len(images), 1, MNIST_SIZE, MNIST_SIZE), dtype=np.float32)
     for i, image in enumerate(opened):
-        batch[i, 0] = normalize(_each(i, len(images), _digit, image), normalization)
+        source = images[i] if image is None else image
+        batch[i, 0] = normalize(_each(i, len(images), _digit, source, config), normalization)
     return batch
 
 
-def _digit(image) -> np.ndarray:
-    """An opened image's 28x28 digit in [0, 1]; a blank image is refused, since the model
-    would answer a confident digit for nothing."""
-    digit = to_mnist(decoding.load_image(image, min_size=WORK_SIZE))
+def _digit(source: Image | bytes, config: Config) -> np.ndarray:
+    """An opened image's (or an ``is_mnist_png`` file's) 28x28 digit in [0, 1]; a blank
+    image is refused, since the model would answer a confident digit for nothing."""
+    if isinstance(source, bytes):
+        pixels = decoding.decode_mnist_png(source)
+        if pixels is not None:
+            return _inked(gray_to_mnist(pixels))
+        source = decoding.open_image(source, max_pixels=config.MAX_IMAGE_PIXELS)
+    return _inked(to_mnist(decoding.load_image(source, min_size=WORK_SIZE)))
+
+
+def _inked(digit: np.ndarray) -> np.ndarray:
     if not digit.any():
         raise errors.InvalidImage("no digit found: the image is blank", code="blank_image")
     return digit

@@ -89,7 +89,10 @@ def _mnist_ink(image: Image.Image) -> tuple[np.ndarray, np.ndarray, np.ndarray] 
     """``_mnist_form``'s ink with its row and column maxima (0 where a line is empty)."""
     if image.mode != "L" or image.size != (MNIST_SIZE, MNIST_SIZE) or "transparency" in image.info:
         return None
-    pixels = np.frombuffer(image.tobytes(), np.uint8).reshape(MNIST_SIZE, MNIST_SIZE)
+    return _pixels_ink(np.frombuffer(image.tobytes(), np.uint8).reshape(MNIST_SIZE, MNIST_SIZE))
+
+
+def _pixels_ink(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     rows, cols = pixels.max(axis=1), pixels.max(axis=0)
     if rows[0] or rows[-1] or cols[0] or cols[-1]:
         return None  # _ink's one-pixel ring is not all paper: its steps are not the identity
@@ -104,9 +107,17 @@ def _mnist_digit(image: Image.Image) -> np.ndarray | None:
     """``_frame(_mnist_form(image))`` bit for bit (None where that is None), in a third of
     the numpy calls: the request path for digits already in MNIST form."""
     found = _mnist_ink(image)
-    if found is None:
-        return None
-    ink, rows, cols = found
+    return None if found is None else _placed(*found)
+
+
+def gray_to_mnist(pixels: np.ndarray) -> np.ndarray:
+    """``to_mnist`` of the 8-bit gray image with these uint8 (28, 28) pixels, without a
+    Pillow image for one already in MNIST form."""
+    found = _pixels_ink(pixels)
+    return to_mnist(Image.fromarray(pixels)) if found is None else _placed(*found)
+
+
+def _placed(ink: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     on_rows, on_cols = np.flatnonzero(rows), np.flatnonzero(cols)
     top, bottom, left, right = int(on_rows[0]), int(on_rows[-1]), int(on_cols[0]), int(on_cols[-1])
     if not DIGIT_BOX - 1 <= max(bottom - top, right - left) + 1 <= DIGIT_BOX:

@@ -40,7 +40,13 @@ def decoded(monkeypatch) -> list[tuple[int, int]]:
         seen.append(image.size)
         return load(image, **kwargs)
 
+    def spy_mnist(data):
+        seen.append((28, 28))
+        return decode_mnist(data)
+
+    decode_mnist = decoding.decode_mnist_png
     monkeypatch.setattr(decoding, "load_image", spy)
+    monkeypatch.setattr(decoding, "decode_mnist_png", spy_mnist)
     return seen
 
 

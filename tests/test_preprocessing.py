@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image, ImageDraw, ImageFile
+from PIL import Image, ImageDraw, ImageFile, PngImagePlugin
 
 from service import decoding, handler, mnist_form
 from service.config import Config
@@ -129,6 +129,8 @@ def test_the_mnist_form_fast_path_is_the_general_path_bit_for_bit(full_test):
             np.testing.assert_array_equal(mnist_form._mnist_digit(image), mnist_form._frame(fast))
         else:
             assert mnist_form._mnist_digit(image) is None
+            # what a posted 28x28 PNG takes: the fast path, or to_mnist of its image
+            np.testing.assert_array_equal(mnist_form.gray_to_mnist(digit), to_mnist(image))
     assert taken >= 0.98 * len(full_test.images)  # measured: 98.7% of all 70k digits
 
 
@@ -679,6 +681,73 @@ def test_libspng_decodes_a_png_to_pillows_pixels(image):
     if fast is not None:
         assert (fast.mode, fast.size, fast.format) == (by_pillow.mode, by_pillow.size, "PNG")
         assert fast.tobytes() == by_pillow.tobytes()
+
+
+@st.composite
+def small_pngs(draw: st.DrawFn) -> bytes:
+    """PNGs of MNIST's size and others, gray or not, with the chunks encoders add."""
+    digit = DIGITS[draw(st.integers(0, len(DIGITS) - 1))]
+    kind = draw(st.sampled_from(["digit", "inverted", "noise", "shifted", "flat"]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    pixels = {
+        "digit": digit,
+        "inverted": 255 - digit,
+        "noise": rng.integers(0, 256, (28, 28), np.uint8),
+        "shifted": np.roll(digit, int(rng.integers(-8, 9)), axis=int(rng.integers(0, 2))),
+        "flat": np.full((28, 28), int(rng.integers(0, 256)), np.uint8),
+    }[kind]
+    image = Image.fromarray(pixels)
+    mode = draw(st.sampled_from(["L", "L", "RGB", "P", "I;16"]))
+    image = image.convert(mode) if mode != "I;16" else image.convert("I").convert("I;16")
+    if draw(st.booleans()):
+        image = image.resize((28, 29) if draw(st.booleans()) else (56, 56))
+    options: dict = {}
+    extra = draw(st.sampled_from(["none", "text", "transparency", "dpi", "interlace"]))
+    if extra == "text":
+        info = PngImagePlugin.PngInfo()
+        info.add_text("Software", "a phone app")
+        options["pnginfo"] = info
+    elif extra == "transparency":
+        options["transparency"] = int(rng.integers(0, 256)) if mode in ("L", "P") else None
+    elif extra == "dpi":
+        options["dpi"] = (72, 72)
+    elif extra == "interlace":
+        options["optimize"] = True  # Pillow writes no Adam7; another encoder's file is below
+    options = {k: v for k, v in options.items() if v is not None}
+    out = io.BytesIO()
+    image.save(out, "PNG", **options)
+    return out.getvalue()
+
+
+@pytest.mark.skipif(decoding.pyspng is None, reason="no libspng wheel for this platform")
+@FUZZ
+@given(small_pngs())
+def test_a_28x28_gray_png_skips_pillow_with_pillows_pixels_and_digit(data):
+    by_pillow = Image.open(io.BytesIO(data))
+    by_pillow.load()
+    plain = (
+        by_pillow.mode == "L"
+        and by_pillow.size == (28, 28)
+        and "transparency" not in by_pillow.info
+        and not by_pillow.info.get("interlace")
+    )
+    assert decoding.is_mnist_png(data) == plain, (by_pillow.mode, by_pillow.size, by_pillow.info)
+    if plain:
+        pixels = decoding.decode_mnist_png(data)
+        assert pixels is not None and pixels.tobytes() == by_pillow.tobytes()
+        general = to_mnist(decode_image(data, max_pixels=10**7))
+        np.testing.assert_array_equal(mnist_form.gray_to_mnist(pixels), general)
+
+
+def test_a_28x28_png_that_libspng_refuses_is_worded_by_pillow():
+    data = images.png(DIGITS[0])
+    assert decoding.is_mnist_png(data)
+    truncated = data[: len(data) // 2]
+    assert decoding.is_mnist_png(truncated) and decoding.decode_mnist_png(truncated) is None
+    with pytest.raises(InvalidImage, match="cannot decode image"):
+        handler.preprocess([truncated], {"mean": 0.1, "std": 0.3}, Config())
+    adam7 = data[:28] + b"\x01" + data[29:]  # IHDR says interlaced: not taken
+    assert not decoding.is_mnist_png(adam7)
 
 
 def test_every_upload_format_decodes_the_same_without_libspng(monkeypatch):
