@@ -49,7 +49,8 @@ def classify(version: int | None) -> Response:
     cfg = config()
     started = time.perf_counter()
     eng = engine()
-    images = handler.extract_images(request, cfg)
+    # The request itself, not its proxy: the handler reads some 20 attributes of it.
+    images = handler.extract_images(request._get_current_object(), cfg)
     mv = eng.version_for(version)
     eng.check_capacity(len(images))
     with eng.preparing():  # the forward under way may wait for these images

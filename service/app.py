@@ -127,9 +127,10 @@ def register_metrics(app: Flask) -> None:
 
     @app.after_request
     def record(response: Response) -> Response:
-        rule = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
+        served = request._get_current_object()  # three reads: one proxy lookup
+        rule = served.url_rule.rule if served.url_rule is not None else "<unmatched>"
         status = str(response.status_code)
-        method = request.method if request.method in metrics.METHODS else "other"
+        method = served.method if served.method in metrics.METHODS else "other"
         count, latency = metrics.request_series(rule, method, status)
         count.inc()
         latency.observe(time.perf_counter() - g.get("started", time.perf_counter()))
