@@ -343,21 +343,26 @@ class BufferedThreadWorker(ThreadWorker):
         self._start_reading(conn)
 
     def on_client_socket_readable(self, conn: TConn, client: Any) -> None:
-        """A kept-alive connection has a next request coming: buffer it too."""
-        self.poller.unregister(client)
+        """A kept-alive connection has a next request coming: buffer it too. It stays
+        registered, with a new callback: no system call (the socket is non-blocking)."""
         self.keepalived_conns.remove(conn)
-        self._start_reading(conn)
-        self._on_readable(self.reading[id(conn)], client)
+        state = self._reading(conn)
+        self.poller.modify(client, selectors.EVENT_READ, partial(self._on_readable, state))
+        self._on_readable(state, client)
 
     def _start_reading(self, conn: TConn) -> None:
+        state = self._reading(conn)
+        conn.sock.setblocking(False)
+        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_readable, state))
+
+    def _reading(self, conn: TConn) -> Reading:
         state = Reading(
             conn,
             Framing(self._max_head, self.max_body),
             head_deadline=time.monotonic() + self.header_timeout,
         )
         self.reading[id(conn)] = state
-        conn.sock.setblocking(False)
-        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_readable, state))
+        return state
 
     def _on_readable(self, state: Reading, _sock: Any) -> None:
         conn = state.conn
