@@ -48,9 +48,9 @@ def decode_image(data: bytes, *, max_pixels: int, min_size: int | None = None) -
     """Decode client bytes into a loaded, upright Pillow image (first frame if animated).
 
     ``max_pixels`` is enforced from the header, before any pixel data is decompressed.
-    ``min_size``: JPEGs may be decoded by libjpeg at 1/2, 1/4 or 1/8 scale as long as both
-    sides stay >= min_size -- several times faster for phone photos (the handler passes
-    ``mnist_form.WORK_SIZE``, the resolution normalisation works at anyway).
+    ``min_size``: JPEGs may be decoded by libjpeg at 1/2, 1/4 or 1/8 scale as long as the
+    longer side stays above min_size / 2 -- several times faster for phone photos (the
+    handler passes ``mnist_form.WORK_SIZE``, the resolution normalisation works at anyway).
     """
     return load_image(open_image(data, max_pixels=max_pixels), min_size=min_size)
 
@@ -98,7 +98,7 @@ def load_image(image: Image.Image, *, min_size: int | None = None) -> Image.Imag
     try:
         if min_size and image.format in ("JPEG", "MPO"):
             # Grayscale straight out of libjpeg when the file is YCbCr: luma is all we use.
-            image.draft("L" if image.mode in ("RGB", "L") else None, (min_size, min_size))
+            image.draft("L" if image.mode in ("RGB", "L") else None, _draft_size(image, min_size))
         image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise PayloadTooLarge(f"image too large: {exc}") from exc
@@ -111,6 +111,16 @@ def load_image(image: Image.Image, *, min_size: int | None = None) -> Image.Imag
     with contextlib.suppress(Exception):
         ImageOps.exif_transpose(image, in_place=True)
     return image
+
+
+def _draft_size(image: Image.Image, work_size: int) -> tuple[int, int]:
+    """The size to ask libjpeg for: 1/2, 1/4 or 1/8 scale while the longer side stays
+    above half of ``work_size``, where normalisation's box reduce would bring it anyway."""
+    width, height = image.size
+    scale = 1
+    while scale < 8 and max(width, height) / (2 * scale) > work_size / 2:
+        scale *= 2
+    return max(1, width // scale), max(1, height // scale)  # Pillow divides back: floors
 
 
 # Pillow modes whose 8-bit PNG pixels libspng returns as they are, with the array's

@@ -808,3 +808,25 @@ def test_preprocess_is_decode_then_to_mnist_then_normalize(fmt):
     np.testing.assert_allclose(
         preprocess(data, mean=MEAN, std=STD, max_pixels=MAX_PIXELS), expected, atol=1e-6
     )
+
+
+@given(st.integers(1, 12_000), st.integers(1, 12_000))
+def test_a_jpeg_is_drafted_to_the_scale_normalisation_would_reduce_it_to(width, height):
+    class Header:  # only its size is read
+        size = (width, height)
+
+    w, h = decoding._draft_size(Header(), mnist_form.WORK_SIZE)  # type: ignore[arg-type]
+    divided = min(width // w, height // h)  # what Pillow's draft computes
+    scale = max(s for s in (1, 2, 4, 8) if s <= divided)  # and the scale it asks libjpeg for
+    longer, half = max(width, height), mnist_form.WORK_SIZE / 2
+    assert scale == 1 or longer / scale > half  # never below what the box reduce would give
+    if min(width, height) >= 8:  # a thinner side cannot be divided as far
+        assert scale == 8 or longer / (2 * scale) <= half  # and no larger than needed
+
+
+def test_a_phone_photo_is_decoded_at_a_quarter_of_its_size():
+    photo = Image.fromarray(np.full((980, 1100), 200, np.uint8)).convert("RGB")
+    out = io.BytesIO()
+    photo.save(out, "JPEG")
+    decoded = decode_image(out.getvalue(), max_pixels=10**7, min_size=mnist_form.WORK_SIZE)
+    assert decoded.size == (275, 245) and decoded.mode == "L"
