@@ -31,7 +31,8 @@ class WorkerTable:
     """The workers' slots; one table per server, kept on the arbiter across SIGHUP."""
 
     def __init__(self, slots: int = _SLOTS) -> None:
-        self._memory = mmap.mmap(-1, slots * _FIELDS * 8)  # MAP_SHARED: forks see writes
+        # MAP_SHARED: forks see writes. Cell 0: how many slots were ever claimed (scanned).
+        self._memory = mmap.mmap(-1, (1 + slots * _FIELDS) * 8)
         self._cells = memoryview(self._memory).cast("q")
         self.slots = slots
         self._owners: dict[int, int] = {}  # the master's: slot -> worker age
@@ -51,6 +52,7 @@ class WorkerTable:
             if index not in self._owners:
                 self._owners[index] = age
                 self._write(index, 0, -1, 0)
+                self._cells[0] = max(self._cells[0], index + 1)
                 return WorkerSlot(self, index)
         return None
 
@@ -59,19 +61,16 @@ class WorkerTable:
             self._write(slot.index, 0, -1, 0)
 
     # -- the workers -----------------------------------------------------------------------
-    def publish(self, slot: int, connections: int) -> None:
+    def publish(self, slot: int, pid: int, connections: int) -> None:
         """This worker's open connections (-1: not accepting), and that it is alive."""
-        base = slot * _FIELDS
-        self._cells[base] = os.getpid()
-        self._cells[base + 1] = connections
-        self._cells[base + 2] = time.monotonic_ns()
+        self._write(slot, pid, connections, time.monotonic_ns())
 
     def fewest_elsewhere(self, slot: int) -> int | None:
         """The fewest connections any other live, accepting worker holds (None: none)."""
         now, fewest = time.monotonic_ns(), None
         cells = self._cells
-        for other in range(self.slots):
-            base = other * _FIELDS
+        for other in range(cells[0]):
+            base = 1 + other * _FIELDS
             if other == slot or cells[base] == 0:
                 continue
             connections = cells[base + 1]
@@ -82,7 +81,7 @@ class WorkerTable:
         return fewest
 
     def _write(self, slot: int, pid: int, connections: int, tick: int) -> None:
-        base = slot * _FIELDS
+        base = 1 + slot * _FIELDS
         self._cells[base + 1], self._cells[base + 2] = connections, tick
         self._cells[base] = pid
 
@@ -90,13 +89,16 @@ class WorkerTable:
 class WorkerSlot:
     """One worker's place in the table: what it writes, and what it asks of the others."""
 
-    __slots__ = ("index", "table")
+    __slots__ = ("index", "pid", "table")
 
     def __init__(self, table: WorkerTable, index: int) -> None:
         self.table, self.index = table, index
+        self.pid = 0  # the worker's, known once forked (getpid is a system call)
 
     def publish(self, connections: int) -> None:
-        self.table.publish(self.index, connections)
+        if not self.pid:
+            self.pid = os.getpid()
+        self.table.publish(self.index, self.pid, connections)
 
     def fewest_elsewhere(self) -> int | None:
         return self.table.fewest_elsewhere(self.index)
