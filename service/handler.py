@@ -157,10 +157,9 @@ def preprocess(images: list[bytes], normalization: dict, config: Config) -> np.n
     Every image's header is read and its size checked (alone and all together)
     before any is decompressed: a bomb in the last image costs no decoding of the rest."""
     # 28x28 gray PNGs (MNIST's own form) skip Pillow; every other image is opened first.
-    mnist_pngs = [decoding.is_mnist_png(data) for data in images]
     opened = [
         None
-        if mnist_pngs[i]
+        if decoding.is_mnist_png(data)
         else _each(i, len(images), decoding.open_image, data, max_pixels=config.MAX_IMAGE_PIXELS)
         for i, data in enumerate(images)
     ]
