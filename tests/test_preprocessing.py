@@ -166,6 +166,46 @@ def test_percentiles_are_numpys_bit_for_bit(values, q):
     np.testing.assert_array_equal(mnist_form._percentiles(array, tuple(q)), np.percentile(array, q))
 
 
+# Drawings: an even backdrop (0 or 1) with strokes of a few levels, so ties and one-sided
+# ranges, where the shortcuts apply, are common.
+drawing_pixels = st.integers(8, 40).flatmap(
+    lambda side: st.lists(
+        st.sampled_from([0.0, 0.0, 0.0, 1.0, 0.5, 0.25, 0.99, 0.996]),
+        min_size=side * side,
+        max_size=side * side,
+    ).map(lambda v: np.array(v, np.float32).reshape(side, side))
+)
+
+
+@FUZZ
+@given(st.one_of(drawing_pixels, drawing_pixels.map(lambda a: 1 - a)))
+def test_ink_darkness_shortcut_is_the_percentile_rule(gray):
+    paper = float(np.median(mnist_form._ring(gray)))
+    darkest, brightest = np.percentile(gray, (0.1, 99.9))
+    if darkest == brightest:
+        darkest, brightest = gray.min(), gray.max()
+    assert mnist_form._darker_ink(gray, paper) == (paper - darkest > brightest - paper)
+
+
+@FUZZ
+@given(drawing_pixels)
+def test_saturation_shortcut_never_skips_a_needed_stretch(ink):
+    if mnist_form._saturated(ink):
+        assert mnist_form._ink_level(ink) >= mnist_form._SATURATED
+
+
+@FUZZ
+@given(st.integers(64, 160), st.floats(0, 0.9), st.integers(0, 2**32 - 1))
+def test_even_paper_background_equals_the_partitioned_one(side, ink_share, seed):
+    rng = np.random.default_rng(seed)
+    gray = np.where(rng.random((side, side)) < ink_share, rng.random((side, side)), 0)
+    gray = gray.astype(np.float32)
+    gray[0, :] = gray[-1, :] = gray[:, 0] = gray[:, -1] = 0
+    np.testing.assert_array_equal(
+        mnist_form._background(gray, 0.0), mnist_form._background(gray, None)
+    )
+
+
 def numpy_otsu(values: np.ndarray) -> float:
     """The threshold as first written, with np.histogram: _otsu must equal it."""
     high = float(values.max())
