@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageChops
 
 from service.errors import UnsupportedMediaType
 
@@ -177,11 +177,14 @@ def _grayscale(image: Image.Image) -> np.ndarray:
             rgba = None
         if rgba is not None:
             factor = _reduction(image, DRAWING_WORK_SIZE)
+            alpha = rgba.getchannel("A")
+            # Luminance premultiplied by alpha, each reduced alone: what reducing RGBA
+            # (premultiplied by Pillow) gives, in a sixth of the time.
+            inked = ImageChops.multiply(rgba.convert("L"), alpha)
             if factor > 1:
-                rgba = rgba.reduce(factor)  # Pillow premultiplies alpha for this
-            lum = np.asarray(rgba.convert("L"), np.float32) / 255
-            alpha = np.asarray(rgba.getchannel("A"), np.float32) / 255
-            return _composite(lum, alpha)
+                inked, alpha = inked.reduce(factor), alpha.reduce(factor)
+            lum_alpha = np.asarray(inked, np.float32) / 255
+            return _composite(lum_alpha, np.asarray(alpha, np.float32) / 255)
 
     gray_image = _to_l(image)
     if factor > 1:
@@ -242,25 +245,26 @@ def _high_bit(image: Image.Image, factor: int) -> np.ndarray:
     return values.astype(np.float32)
 
 
-def _composite(lum: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """Flatten transparency onto a backdrop that contrasts with the ink.
+def _composite(lum_alpha: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Flatten transparency (luminance premultiplied by alpha) onto a backdrop that
+    contrasts with the ink.
 
     A canvas export is strokes on a fully transparent background; the strokes' colour
     (black or white) decides whether the backdrop is white or black. A mostly opaque
     image has its own background: its transparent bits take that colour.
     """
     if alpha.size == 0 or float(alpha.min()) >= 1.0:
-        return lum
+        return lum_alpha
     opaque = alpha > 0.5
     if opaque.mean() > 0.5:
-        backdrop = float(np.median(lum[opaque]))
+        backdrop = float(np.median(lum_alpha[opaque] / alpha[opaque]))
     else:
         weight = float(alpha.sum())
         if weight == 0:
-            return np.zeros_like(lum)  # fully transparent: nothing drawn
-        ink = float((lum * alpha).sum()) / weight
+            return np.zeros_like(lum_alpha)  # fully transparent: nothing drawn
+        ink = float(lum_alpha.sum()) / weight
         backdrop = 1.0 if ink < 0.5 else 0.0
-    return lum * alpha + np.float32(backdrop) * (1 - alpha)
+    return lum_alpha + np.float32(backdrop) * (1 - alpha)
 
 
 def _ink(gray: np.ndarray) -> np.ndarray | None:

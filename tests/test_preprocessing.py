@@ -382,6 +382,23 @@ def test_transparent_corners_of_an_opaque_picture_take_its_background_colour():
     assert out[:3, :3].max() == 0
 
 
+@FUZZ
+@given(st.integers(0, 2**32 - 1), st.sampled_from([(0, 0), (255, 255), (0, 90), (165, 255)]))
+def test_drawing_gray_is_pillows_premultiplied_rgba_reduce(seed, colours):
+    """_grayscale reduces luminance * alpha and alpha apart: what Pillow's reduce of the RGBA
+    image (premultiplied) gives, but for rounding, for dark or light strokes of any colours
+    under any alpha (mid-gray ink could go on either backdrop)."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(colours[0], colours[1] + 1, (280, 280, 4), dtype=np.uint8)
+    pixels[..., 3] = rng.integers(0, 256, (280, 280)) * (rng.random((280, 280)) < 0.4)
+    image = Image.fromarray(pixels, "RGBA")
+    reduced = image.reduce(2)
+    lum = np.asarray(reduced.convert("L"), np.float32) / 255
+    alpha = np.asarray(reduced.getchannel("A"), np.float32) / 255
+    expected = mnist_form._composite(lum * alpha, alpha)
+    np.testing.assert_allclose(mnist_form._grayscale(image), expected, atol=3 / 255)
+
+
 def test_fully_transparent_canvas_is_blank():
     blank = Image.new("RGBA", (280, 280), (0, 0, 0, 0))
     np.testing.assert_array_equal(to_mnist(blank), np.zeros((28, 28), np.float32))
