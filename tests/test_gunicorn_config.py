@@ -67,7 +67,7 @@ def test_empty_settings_mean_the_defaults():
     got = settings(run.stdout)
     assert got["bind"] == "['127.0.0.1:8000']"
     assert (got["threads"], got["timeout"], got["keepalive"], got["backlog"]) == (
-        "8",
+        "16",
         "60",
         "5",
         "512",
