@@ -19,6 +19,7 @@ import math
 import numpy as np
 from PIL import Image, ImageChops
 
+from service import resampling
 from service.errors import UnsupportedMediaType
 
 MNIST_SIZE = 28
@@ -391,8 +392,7 @@ def _background(gray: np.ndarray, paper: float | None = None) -> np.ndarray | np
         grid = _grid_filter(_grid_filter(grid, np.minimum), np.maximum)
     if grid.min() == grid.max():  # even paper (a canvas export): the field is that level
         return np.float32(grid.flat[0])
-    field = Image.fromarray(grid.astype(np.float32), "F").resize((width, height), Image.BILINEAR)
-    return np.asarray(field)
+    return resampling.resize(grid.astype(np.float32), (width, height), resampling.BILINEAR)
 
 
 def _busy_blocks(
@@ -477,8 +477,8 @@ def _frame(ink: np.ndarray) -> np.ndarray:
         scale = DIGIT_BOX / side
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
         # Area averaging is MNIST's anti-aliasing when shrinking; bilinear when enlarging.
-        resample = Image.BOX if scale < 1 else Image.BILINEAR
-        patch = np.asarray(Image.fromarray(patch, "F").resize(size, resample))
+        resample = resampling.BOX if scale < 1 else resampling.BILINEAR
+        patch = resampling.resize(patch, size, resample)
         patch = np.minimum(np.maximum(patch, 0), 1)  # np.clip, in a fifth of the time
         if float(patch.max()) <= 0:
             return np.zeros((MNIST_SIZE, MNIST_SIZE), np.float32)

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageDraw, ImageFile, PngImagePlugin
 
-from service import decoding, handler, mnist_form
+from service import decoding, handler, mnist_form, resampling
 from service.config import Config
 from service.decoding import ALLOWED_FORMATS, decode_image
 from service.errors import ApiError, InvalidImage, PayloadTooLarge, UnsupportedMediaType
@@ -204,6 +204,22 @@ def test_even_paper_background_equals_the_partitioned_one(side, ink_share, seed)
     np.testing.assert_array_equal(
         mnist_form._background(gray, 0.0), mnist_form._background(gray, None)
     )
+
+
+@FUZZ
+@given(
+    st.tuples(st.integers(1, 120), st.integers(1, 120)),
+    st.tuples(st.integers(1, 300), st.integers(1, 300)),
+    st.sampled_from([resampling.BOX, resampling.BILINEAR]),
+    st.integers(0, 2**32 - 1),
+)
+def test_resampling_is_pillows_resize_of_float_images(shape, size, resample, seed):
+    values = np.random.default_rng(seed).random(shape, np.float32)
+    pillow_filter = Image.BOX if resample == resampling.BOX else Image.BILINEAR
+    expected = np.asarray(Image.fromarray(values, "F").resize(size, pillow_filter))
+    got = resampling.resize(values, size, resample)
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=3e-7, atol=1e-30)
 
 
 def numpy_otsu(values: np.ndarray) -> float:
