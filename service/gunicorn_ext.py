@@ -6,6 +6,8 @@
   what it replaces exists, so a gunicorn upgrade that moves it fails at start.
 - ``install_patches`` also sends a response's head and a small body in one ``sendall``
   (gunicorn sends them apart: two system calls and two packets a response).
+- ``install_patches`` also formats the Date header once a second, not per response
+  (email.utils.formatdate: 2.4% of a request thread's time on a 28x28 digit).
 - ``AccessLogger``: the access log line without gunicorn's per-request dict of every
   header and environ entry (11% of a worker's GIL time at concurrency 16), written
   straight to its stream when it goes to a plain file or stdout: a ``logging`` record
@@ -17,6 +19,7 @@ from __future__ import annotations
 import http
 import json
 import logging
+import time
 from typing import Any
 
 import gunicorn.http.wsgi
@@ -51,6 +54,7 @@ def install_patches() -> None:
         (gunicorn.http.wsgi.Response, "force_close"),
         (gunicorn.http.wsgi.Response, "default_headers"),
         (gunicorn.http.wsgi.Response, "write"),
+        (gunicorn.util, "http_date"),
     ):
         if not callable(getattr(owner, name, None)):
             raise RuntimeError(
@@ -58,6 +62,8 @@ def install_patches() -> None:
                 "service/gunicorn_ext.py must be updated for it"
             )
     gunicorn.util.write_error = json_error
+    if not getattr(gunicorn.util.http_date, "_digitserve", False):
+        gunicorn.util.http_date = _once_a_second(gunicorn.util.http_date)
     original = gunicorn.http.wsgi.Response.process_headers
     if getattr(original, "_digitserve", False):
         return
@@ -73,6 +79,25 @@ def install_patches() -> None:
     process_headers._digitserve = True  # type: ignore[attr-defined]
     gunicorn.http.wsgi.Response.process_headers = process_headers
     gunicorn.http.wsgi.Response.write = _head_with_body(gunicorn.http.wsgi.Response.write)
+
+
+def _once_a_second(http_date: Any) -> Any:
+    """gunicorn.util.http_date, formatted once per second for "now" (the header has
+    whole seconds); any other timestamp as before."""
+    latest: tuple[int, str] = (-1, "")
+
+    def cached(timestamp: float | None = None) -> str:
+        nonlocal latest
+        if timestamp is not None:
+            return http_date(timestamp)
+        second = int(time.time())
+        if latest[0] != second:  # a race formats the same second twice: harmless
+            latest = (second, http_date(second))
+        return latest[1]
+
+    cached._digitserve = True  # type: ignore[attr-defined]
+    cached.__wrapped__ = http_date  # type: ignore[attr-defined]
+    return cached
 
 
 # Bodies up to this size go out in the head's sendall; a larger one goes after it as before.

@@ -5,14 +5,19 @@ from __future__ import annotations
 import datetime
 import logging
 import sys
+import time
 import types
+from email.utils import formatdate
 
 import gunicorn.util
 import pytest
 from gunicorn.config import Config
 from gunicorn.http.wsgi import Response
 
+from service import gunicorn_ext
 from service.gunicorn_ext import ACCESS_LOG_FORMAT, AccessLogger, install_patches
+
+REAL_HTTP_DATE = getattr(gunicorn.util.http_date, "__wrapped__", gunicorn.util.http_date)
 
 
 class RecordingSocket:
@@ -40,6 +45,34 @@ def fixed_date(monkeypatch):
 def head_as_gunicorn_sends_it(resp: Response) -> bytes:
     lines = resp.default_headers() + [f"{k}: {v}\r\n" for k, v in resp.headers]
     return ("".join(lines) + "\r\n").encode("latin-1")
+
+
+def test_the_date_header_is_formatted_once_a_second_as_gunicorn_formats_it(monkeypatch):
+    formatted: list[float | None] = []
+
+    def http_date(timestamp: float | None = None) -> str:
+        formatted.append(timestamp)
+        return f"@{timestamp}"
+
+    monkeypatch.setattr(gunicorn.util, "http_date", http_date)
+    install_patches()
+    now = [1000.25]
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    assert [gunicorn.util.http_date() for _ in range(3)] == ["@1000"] * 3
+    now[0] = 1000.99
+    assert gunicorn.util.http_date() == "@1000"
+    now[0] = 1001.0
+    assert gunicorn.util.http_date() == "@1001"
+    assert gunicorn.util.http_date(5.5) == "@5.5"  # an explicit timestamp: formatted as asked
+    assert formatted == [1000, 1001, 5.5]
+    install_patches()  # again (gunicorn reruns its config on SIGHUP): not wrapped twice
+    assert gunicorn.util.http_date() == "@1001" and formatted == [1000, 1001, 5.5]
+
+
+def test_the_cached_date_is_gunicorns_own_text():
+    second = int(time.time())
+    text = gunicorn_ext._once_a_second(REAL_HTTP_DATE)()  # not the fixed_date fixture's
+    assert text in (formatdate(second, usegmt=True), formatdate(second + 1, usegmt=True))
 
 
 def test_a_small_whole_body_goes_out_with_its_head_in_one_send():
