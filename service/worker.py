@@ -285,12 +285,21 @@ class BufferedThreadWorker(ThreadWorker):
     def run(self) -> None:
         if not self.sockets and deferred_bind_applies(self.cfg):
             self.sockets = create_sockets(self.cfg, self.log)
-        super().run()
+        try:
+            super().run()
+        finally:
+            flush_access = getattr(self.log, "flush_access", None)
+            if flush_access is not None:  # the last buffered access lines
+                flush_access()
 
     # ---- least connections: who accepts from the shared socket --------------------------
     def notify(self) -> None:
-        """Each turn of the event loop: the heartbeat, and this worker's connections."""
+        """Each turn of the event loop: the heartbeat, access lines due out, and this
+        worker's connections."""
         super().notify()
+        flush_due = getattr(self.log, "flush_due", None)
+        if flush_due is not None:  # service.gunicorn_ext.AccessLogger's buffered lines
+            flush_due()
         if self.slot is not None:
             self.slot.publish(self.nr_conns if self.alive else -1)
 

@@ -145,10 +145,10 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {
             **os.environ,
+            "DIGITSERVE_ACCESS_LOG": "",
             **self.env,
             "DIGITSERVE_BIND": f"127.0.0.1:{self.port}",
             "DIGITSERVE_WORKERS": str(self.workers),
-            "DIGITSERVE_ACCESS_LOG": "",
             "DIGITSERVE_POLL_SECONDS": self.env.get("DIGITSERVE_POLL_SECONDS", "0.5"),
         }
         full_env.pop("PROMETHEUS_MULTIPROC_DIR", None)

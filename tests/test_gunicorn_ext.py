@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import logging
 import sys
+import threading
 import time
 import types
 from email.utils import formatdate
@@ -145,7 +146,9 @@ def test_the_access_line_written_straight_to_its_file(access_logger, tmp_path):
     logger = access_logger(str(path))
     assert logger._plain_streams() is not None  # the fast path
     log_one(logger)
-    assert path.read_text() == LINE
+    assert path.read_text() == ""  # buffered...
+    logger.flush_access()
+    assert path.read_text() == LINE  # ...until flushed
 
 
 def test_the_access_line_through_logging_when_a_handler_is_not_a_plain_stream(
@@ -168,4 +171,73 @@ def test_the_access_line_on_stdout(access_logger, capsys):
     handler.setStream(sys.stdout)  # capsys replaced stdout after gunicorn took it
     assert logger._plain_streams() is not None
     log_one(logger)
+    logger.flush_access()
     assert capsys.readouterr().out == LINE
+
+
+def test_access_lines_go_out_together_when_enough_wait(access_logger, tmp_path):
+    path = tmp_path / "access.log"
+    logger = access_logger(str(path))
+    for _ in range(gunicorn_ext.FLUSH_LINES - 1):
+        log_one(logger)
+    assert path.read_text() == ""
+    log_one(logger)
+    assert path.read_text() == LINE * gunicorn_ext.FLUSH_LINES
+
+
+def test_a_quiet_servers_access_line_goes_out_within_a_second(access_logger, tmp_path, monkeypatch):
+    path = tmp_path / "access.log"
+    logger = access_logger(str(path))
+    now = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    log_one(logger)
+    now[0] += gunicorn_ext.FLUSH_SECONDS - 0.01
+    logger.flush_due()  # what the worker's event loop calls each turn (at most 1 s apart)
+    assert path.read_text() == ""
+    now[0] += 0.01
+    logger.flush_due()
+    assert path.read_text() == LINE
+    now[0] += 5
+    log_one(logger)  # the first line after a quiet spell waits its second too
+    assert path.read_text() == LINE
+    now[0] += gunicorn_ext.FLUSH_SECONDS
+    log_one(logger)  # a request after it takes both out
+    assert path.read_text() == LINE * 3
+
+
+def test_access_lines_from_many_threads_each_written_once(access_logger, tmp_path):
+    path = tmp_path / "access.log"
+    logger = access_logger(str(path))
+
+    def serve(thread: int) -> None:
+        for i in range(500):
+            environ = {"REMOTE_ADDR": f"10.0.0.{thread}", "REQUEST_METHOD": "GET"}
+            environ |= {"RAW_URI": f"/{i}", "SERVER_PROTOCOL": "HTTP/1.1"}
+            resp = types.SimpleNamespace(status="200 OK", sent=1)
+            logger.access(resp, None, environ, datetime.timedelta(0))
+
+    threads = [threading.Thread(target=serve, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    logger.flush_access()
+    lines = path.read_text().splitlines()
+    assert sorted(lines) == sorted(
+        f'10.0.0.{t} "GET /{i} HTTP/1.1" 200 1 0ms' for t in range(8) for i in range(500)
+    )
+    for t in range(8):  # each thread's lines in the order it wrote them
+        mine = [line for line in lines if line.startswith(f"10.0.0.{t} ")]
+        assert mine == [f'10.0.0.{t} "GET /{i} HTTP/1.1" 200 1 0ms' for i in range(500)]
+
+
+def test_buffered_access_lines_go_to_the_file_being_rotated_out(access_logger, tmp_path):
+    path = tmp_path / "access.log"
+    logger = access_logger(str(path))
+    log_one(logger)
+    path.rename(tmp_path / "access.log.1")  # logrotate, then USR1
+    logger.reopen_files()
+    assert (tmp_path / "access.log.1").read_text() == LINE
+    log_one(logger)
+    logger.flush_access()
+    assert path.read_text() == LINE

@@ -259,6 +259,25 @@ def test_metrics_are_scraped_across_workers(shipped_server, digits):
     assert all(s.value >= 1 for s in versions)
 
 
+def test_access_lines_are_buffered_a_second_at_most_and_all_written_at_stop(
+    start_server, tmp_path, digits
+):
+    log = tmp_path / "access.log"
+    server = start_server({"DIGITSERVE_ACCESS_LOG": str(log)}, workers=1)
+    body, headers = png(digits[3][0]), {"Content-Type": "image/png"}
+    assert requests.post(f"{server.url}/predict", data=body, headers=headers).ok
+    deadline = time.monotonic() + 5  # FLUSH_SECONDS, and the event loop's 1 s turn
+    while "POST /predict" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert '"POST /predict HTTP/1.1" 200' in log.read_text()
+    with requests.Session() as session:  # fewer than FLUSH_LINES: still buffered at SIGTERM
+        for _ in range(10):
+            assert session.post(f"{server.url}/predict", data=body, headers=headers).ok
+    server.stop()
+    lines = [line for line in log.read_text().splitlines() if "POST /predict" in line]
+    assert len(lines) == 11, lines
+
+
 def test_every_mnist_test_digit_through_http_gets_its_offline_answer(shipped_server, full_test):
     """All 10,000 test digits posted as PNG files, 64 a request: each answer is the one the
     exported model gives offline for that image (same batches: same arithmetic)."""
