@@ -65,10 +65,11 @@ class TimeoutSocket(socket.socket):
     io_timeout: float
 
     def setblocking(self, flag: bool) -> None:
-        if flag:
-            self.settimeout(self.io_timeout)
-        else:
-            super().setblocking(False)
+        # Only on a change: gthread asks again for the mode the socket is already in, and
+        # each call is an ioctl that lets go of the GIL (5 a request, 2 of them needed).
+        wanted = self.io_timeout if flag else 0.0
+        if self.gettimeout() != wanted:
+            self.settimeout(wanted)
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         try:
