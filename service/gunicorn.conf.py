@@ -168,8 +168,8 @@ def post_worker_init(worker):
     engine.wait_started()
     # What start-up made (MXNet, Flask, the model: ~90k objects) lives as long as the
     # worker: out of the collector's sight, so no full collection stalls requests for it
-    # (one of 55-77 ms in each worker's first half-minute under load).
-    gc.collect()
+    # (one of 55-77 ms in each worker's first half-minute under load). No collection
+    # first: it would free ~200 objects for 55 ms while the sibling takes every connection.
     gc.freeze()
 
     def watch() -> None:
