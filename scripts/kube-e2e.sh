@@ -5,7 +5,7 @@
 #
 #   sudo scripts/kube-e2e.sh        # as root; ~5 min with a cached base image
 #
-# 1. installs what it lacks (podman, runc, buildah, debootstrap, curl; util-linux's
+# 1. installs what it lacks (podman, runc, buildah, debootstrap, curl, catatonit; util-linux's
 #    nsenter) and the tools' virtualenv (.venv-kube: KServe's SDK, PyYAML);
 # 2. builds the serving and training images and the proxy's, deploy/nginx
 #    (scripts/podman-work.sh);
@@ -82,8 +82,10 @@ export DEBIAN_FRONTEND=noninteractive NEEDRESTART_SUSPEND=1 LC_ALL=C.UTF-8
 
 # ---- 1. what it needs ----------------------------------------------------------------
 command -v kubectl >/dev/null || die "kubectl (with its built-in kustomize) is needed to render"
+# catatonit: podman 4.3 builds its pod's pause image from it; podman installed without
+# its Recommends (as on this kind of machine) lacks it, and `kube play` fails.
 declare -A NEED=([podman]=podman [runc]=runc [buildah]=buildah [debootstrap]=debootstrap
-                 [curl]=curl [nsenter]=util-linux [python3]=python3)
+                 [curl]=curl [nsenter]=util-linux [python3]=python3 [catatonit]=catatonit)
 missing=()
 for cmd in "${!NEED[@]}"; do command -v "$cmd" >/dev/null 2>&1 || missing+=("${NEED[$cmd]}"); done
 if ((${#missing[@]})); then
