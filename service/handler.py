@@ -40,7 +40,9 @@ def read_body(request: Request, limit: int) -> bytes:
     before reading anything, and by counting for a chunked body (no length)."""
     if request.content_length is not None:
         check_declared_length(request, limit)
-        data = request.get_data(cache=False)
+        # The server's own stream, read to Content-Length as PEP 3333 allows: werkzeug's
+        # wrapper around it cost 5-15 us of a ~350 us request.
+        data = request.environ["wsgi.input"].read(request.content_length)
         if len(data) < request.content_length:  # the client stopped sending early
             raise errors.BadBody(
                 f"the body ended after {len(data)} of the {request.content_length} bytes "
