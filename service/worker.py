@@ -48,6 +48,7 @@ from functools import partial
 from typing import Any, ClassVar
 
 import gunicorn.sock
+from gunicorn.http.body import LengthReader
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from service.balancing import WorkerSlot
@@ -90,8 +91,17 @@ class TimeoutSocket(socket.socket):
             raise BrokenPipeError(errno.EPIPE, "client stopped reading") from None
 
     def sendall(self, data: Any, flags: int = 0) -> None:
+        view = memoryview(data).cast("B")
+        sent = 0
+        if not flags and self.gettimeout():
+            # Most responses fit the socket's buffer: written at once, without the poll()
+            # CPython makes before each send with a timeout (a system call, a GIL hand-off).
+            with contextlib.suppress(BlockingIOError):
+                sent = os.write(self.fileno(), view)
+        if sent == len(view):
+            return
         try:
-            super().sendall(data, flags)
+            super().sendall(view[sent:], flags)
         except TimeoutError:
             raise BrokenPipeError(errno.EPIPE, "client stopped reading") from None
 
@@ -460,6 +470,16 @@ class BufferedThreadWorker(ThreadWorker):
             conn.init()  # the parser, for a first request
             conn.parser.unreader.unread(data)
         return super().handle(conn)
+
+    def _keepalive_after(self, conn: TConn, keepalive: bool) -> bool:
+        """gthread drains what the app left of the body under a timeout: two timeout
+        changes, an ioctl each. A body read to its Content-Length end has nothing left."""
+        body = getattr(getattr(conn.parser, "mesg", None), "body", None)
+        reader = getattr(body, "reader", None)
+        read_whole = isinstance(reader, LengthReader) and reader.length == 0
+        if keepalive and read_whole and not body.failed and body.buf.tell() == 0:
+            return True
+        return super()._keepalive_after(conn, keepalive)
 
     def murder_pending(self) -> None:
         """Also end the reads that ran out of time (called by both of gthread's loops)."""

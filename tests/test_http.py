@@ -80,6 +80,38 @@ def test_an_answer_before_the_body_is_read_says_connection_close(
         conn.close()
 
 
+def test_a_kept_alive_connection_serves_on_after_a_body_read_whole_or_left_unread(
+    shipped_server, digits
+):
+    """The worker skips gthread's drain after a body the app read to its end; a body the
+    app never read (a 405) is still drained, and the connection serves the next one."""
+    host, port = shipped_server.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request(
+            "POST", "/predict", body=png(digits[7][0]), headers={"Content-Type": "image/png"}
+        )
+        first = conn.getresponse()
+        assert first.status == 200 and json.loads(first.read())["digit"] == 7
+        sock = conn.sock
+        conn.request("POST", "/ready", body=b"x" * 5000)  # GET only: the body is not read
+        refused = conn.getresponse()
+        refused.read()
+        assert refused.status == 405 and refused.getheader("Connection") == "keep-alive"
+        for label in (3, 1):
+            conn.request(
+                "POST",
+                "/predict",
+                body=png(digits[label][0]),
+                headers={"Content-Type": "image/png"},
+            )
+            answer = conn.getresponse()
+            assert answer.status == 200 and json.loads(answer.read())["digit"] == label
+        assert conn.sock is sock, "all four on one connection"
+    finally:
+        conn.close()
+
+
 def chunked(data: bytes, size: int = 1 << 20):
     """A body requests sends with Transfer-Encoding: chunked (no Content-Length)."""
     return (data[i : i + size] for i in range(0, len(data), size))
